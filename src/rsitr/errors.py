@@ -45,3 +45,10 @@ class ConfigError(RsitrError):
 
 class UnknownModelError(ConfigError):
     """A model name is not in the registry; the message lists the registered names."""
+
+
+class SplitNotFoundError(RsitrError, KeyError):
+    """A dataset has no images in the requested split."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

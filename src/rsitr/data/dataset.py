@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rsitr.errors import SplitNotFoundError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -74,12 +76,16 @@ class RetrievalDataset:
         present = set(self.image_splits)
         return [s for s in SPLITS if s in present] + sorted(present - set(SPLITS))
 
-    def split(self, name: str) -> RetrievalDataset:
-        """The subset of images in split ``name`` and their captions, with ids renumbered from 0."""
+    def split_indices(self, name: str) -> list[int]:
+        """Image ids of split ``name``, in dataset order; SplitNotFoundError naming the splits present if empty."""
         keep = [i for i, s in enumerate(self.image_splits) if s == name]
         if not keep:
-            raise KeyError(f"dataset {self.name!r} has no {name!r} split (has: {', '.join(self.splits())})")
-        return self.subset(keep)
+            raise SplitNotFoundError(f"dataset {self.name!r} has no {name!r} split (has: {', '.join(self.splits())})")
+        return keep
+
+    def split(self, name: str) -> RetrievalDataset:
+        """The subset of images in split ``name`` and their captions, with ids renumbered from 0."""
+        return self.subset(self.split_indices(name))
 
     def subset(self, image_ids: list[int]) -> RetrievalDataset:
         """The given images (in the given order) and all their captions, renumbered from 0."""

@@ -1,0 +1,152 @@
+"""Run configuration: typed sections read from YAML, with ``section.key=value`` overrides.
+
+A run's config has five sections, each a dataclass with one comment per field::
+
+    data:     where the dataset is and how to read it
+    features: the frozen backbone's inputs and the feature cache
+    model:    the registered model name (or a YAML path) and parameter overrides
+    text:     vocabulary and word vectors
+    train:    optimisation and the evaluation batch size
+
+Unknown keys are errors (a key that does nothing is a trap), and the YAML is read with
+``yaml.safe_load``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rsitr.errors import ConfigError
+
+
+def default_cache_dir() -> str:
+    """``$RSITR_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/rsitr`` (``~/.cache/rsitr``)."""
+    if os.environ.get("RSITR_CACHE_DIR"):
+        return os.environ["RSITR_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "rsitr")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # dataset file or folder (Karpathy json, precomp folder, PIR json folder)
+    layout: str = "auto"  # auto | karpathy | precomp | pir
+    image_dir: str | None = None  # image folder when not beside the caption files
+    name: str | None = None  # dataset name for cache keys and reports (default: from the path)
+    train_split: str = "train"  # split used for training
+    val_split: str = "val"  # split used to choose the best epoch (never the test split)
+
+
+@dataclass
+class FeatureConfig:
+    image_size: int = 256  # images are resized to a square of this side (paper: 256)
+    backbone_weights: str | None = None  # torchvision-layout ResNet weights (.safetensors / .pth); None = seeded random init
+    detections: str | None = None  # detections json with region boxes; None = built-in 36 multi-scale boxes
+    precision: str = "bf16"  # fp32 | bf16 for the frozen backbone
+    cache_dir: str = field(default_factory=default_cache_dir)  # where extracted features are cached
+    batch_size: int = 32  # images per backbone forward pass
+
+
+@dataclass
+class ModelConfig:
+    name: str = "dove"  # registered model name or path to a model YAML
+    params: dict[str, Any] = field(default_factory=dict)  # overrides of the model's parameters
+
+
+@dataclass
+class TextConfig:
+    min_count: int = 1  # words seen fewer times in the train captions map to <unk>
+    vocab: str | None = None  # an existing AMFMN-style vocabulary json instead of building one
+    glove: str | None = None  # GloVe text file to initialise word vectors; None = random init
+    max_length: int = 48  # captions are cut to this many tokens
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50  # paper: 50
+    batch_size: int = 100  # captions per batch (paper: 100)
+    lr: float = 2e-4  # Adam learning rate (paper: 0.0002)
+    lr_decay: float = 0.7  # multiply the learning rate by this ...
+    lr_decay_every: int = 20  # ... every this many epochs (paper: 0.7 every 20)
+    grad_clip: float = 2.0  # max gradient norm, applied after backward; 0 disables
+    seed: int = 0  # seeds initialisation and batch order
+    eval_batch_size: int = 256  # items per encoding chunk at validation (results do not depend on it)
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _section_class(name: str) -> type:
+    return {"data": DataConfig, "features": FeatureConfig, "model": ModelConfig, "text": TextConfig, "train": TrainConfig}[name]
+
+
+def _build_section(name: str, values: dict[str, Any], source: str) -> Any:
+    cls = _section_class(name)
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; valid: {', '.join(sorted(valid))}")
+    return cls(**values)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    """Build a :class:`RunConfig` from nested dicts, rejecting unknown sections and keys."""
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(_SECTIONS)}")
+    return RunConfig(**{name: _build_section(name, dict(data.get(name) or {}), source) for name in _SECTIONS})
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults when ``path`` is None) and apply ``overrides``."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: config file not found") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a run config must be a mapping of sections")
+    for item in overrides or []:
+        apply_override(data, item)
+    return config_from_dict(data, source)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``section.key=value`` (or ``model.params.key=value``) in nested dicts; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None

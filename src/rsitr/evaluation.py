@@ -1,0 +1,195 @@
+"""Retrieval metrics and the batch-size-independent scoring loop.
+
+Metric definitions follow the field's reference evaluation (the one AMFMN, GaLR and DOVE report):
+
+* image-to-text (i2t, "sentence retrieval"): an image query is ranked against all captions; its rank
+  is the best (smallest) rank among its own captions;
+* text-to-image (t2i, "image retrieval"): a caption query is ranked against all images; its rank is
+  the rank of its image;
+* R@K is the percentage of queries whose 0-based rank is < K; median rank is ``floor(median) + 1``
+  and mean rank is ``mean + 1`` (1-based); ``mR`` is the mean of the six recalls and ``rsum`` their
+  sum (DSAN's R@sum).
+
+Ties. The reference code ranks with ``argsort``, which breaks ties by position and so can reward a
+model that gives every candidate the same score (a constant model would score R@1 = 100 whenever
+the true item happens to sort first). We break every tie *against* the query: the rank of the true
+item is the number of wrong candidates scoring at least as high as it. Without ties this is exactly
+the reference rank; with ties it can only be worse, never better.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+RECALL_KS = (1, 5, 10)
+METRIC_KEYS = (
+    "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
+    "mR", "rsum", "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr",
+)
+
+
+def _check_inputs(sims: np.ndarray, image_of_caption: np.ndarray) -> None:
+    if sims.ndim != 2:
+        raise ValueError(f"sims must be 2-D (n_images, n_captions), got shape {sims.shape}")
+    if image_of_caption.shape != (sims.shape[1],):
+        raise ValueError(
+            f"image_of_caption has shape {image_of_caption.shape}, expected ({sims.shape[1]},)"
+        )
+    if image_of_caption.min(initial=0) < 0 or image_of_caption.max(initial=0) >= sims.shape[0]:
+        raise ValueError("image_of_caption holds an index outside [0, n_images)")
+    if not np.isfinite(sims).all():
+        raise ValueError("sims contains NaN or infinite values")
+
+
+def i2t_ranks(sims: np.ndarray, image_of_caption: np.ndarray) -> np.ndarray:
+    """0-based rank of each image query: wrong captions scoring >= its best own caption."""
+    n_images = sims.shape[0]
+    own = np.zeros_like(sims, dtype=bool)
+    own[image_of_caption, np.arange(sims.shape[1])] = True
+    best_own = np.where(own, sims, -np.inf).max(axis=1)
+    ranks = ((sims >= best_own[:, None]) & ~own).sum(axis=1)
+    ranks[~own.any(axis=1)] = sims.shape[1]  # an image without captions is never found
+    assert ranks.shape == (n_images,)
+    return ranks
+
+
+def t2i_ranks(sims: np.ndarray, image_of_caption: np.ndarray) -> np.ndarray:
+    """0-based rank of each caption query: wrong images scoring >= its own image."""
+    n_captions = sims.shape[1]
+    true_scores = sims[image_of_caption, np.arange(n_captions)]
+    at_least = (sims >= true_scores[None, :]).sum(axis=0)
+    return at_least - 1  # the true image itself always counts once
+
+
+def _rank_summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
+    out = {f"{prefix}_r{k}": 100.0 * float(np.mean(ranks < k)) for k in RECALL_KS}
+    out[f"{prefix}_medr"] = float(np.floor(np.median(ranks)) + 1)
+    out[f"{prefix}_meanr"] = float(np.mean(ranks) + 1)
+    return out
+
+
+def recall_metrics(sims: np.ndarray | torch.Tensor, image_of_caption: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """All retrieval metrics of a similarity matrix.
+
+    Args:
+        sims: (n_images, n_captions) scores, higher = more similar.
+        image_of_caption: (n_captions,) image index of each caption.
+
+    Returns:
+        dict with ``i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10, mR, rsum, i2t_medr,
+        i2t_meanr, t2i_medr, t2i_meanr`` (recalls in percent).
+    """
+    sims_np = sims.detach().float().cpu().numpy() if isinstance(sims, torch.Tensor) else np.asarray(sims, dtype=np.float64)
+    img = image_of_caption.cpu().numpy() if isinstance(image_of_caption, torch.Tensor) else np.asarray(image_of_caption)
+    img = img.astype(np.int64)
+    _check_inputs(sims_np, img)
+    metrics = {**_rank_summary(i2t_ranks(sims_np, img), "i2t"), **_rank_summary(t2i_ranks(sims_np, img), "t2i")}
+    recalls = [metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS]
+    metrics["rsum"] = float(sum(recalls))
+    metrics["mR"] = metrics["rsum"] / len(recalls)
+    return {key: metrics[key] for key in METRIC_KEYS}
+
+
+def chance_metrics(n_images: int, image_of_caption: np.ndarray) -> dict[str, float]:
+    """Expected recalls of a random ranking, for printing beside results.
+
+    t2i: one true image among ``n_images`` → R@K = K / n_images. i2t: an image with c true captions
+    among n captions is found in the top K with probability 1 - C(n-c, K) / C(n, K).
+    """
+    counts = np.bincount(np.asarray(image_of_caption, dtype=np.int64), minlength=n_images)
+    n = len(image_of_caption)
+    out: dict[str, float] = {}
+    for k in RECALL_KS:
+        out[f"t2i_r{k}"] = 100.0 * min(k, n_images) / n_images
+        miss = np.ones(n_images)
+        for step in range(min(k, n)):
+            miss *= np.clip((n - counts - step) / (n - step), 0.0, 1.0)
+        out[f"i2t_r{k}"] = 100.0 * float(np.mean(1.0 - miss))
+    recalls = [out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS]
+    out["rsum"] = float(sum(recalls))
+    out["mR"] = out["rsum"] / len(recalls)
+    return out
+
+
+def blockwise_similarity(
+    score_block: Callable[[slice, slice], torch.Tensor],
+    n_images: int,
+    n_captions: int,
+    image_block: int,
+    caption_block: int,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Assemble the full (n_images, n_captions) matrix from blocks.
+
+    ``score_block(image_slice, caption_slice)`` returns the block of scores. Because every block is
+    computed from the same per-item encodings, the result does not depend on the block sizes (up to
+    floating-point summation order inside the scorer).
+    """
+    sims = torch.empty(n_images, n_captions, dtype=torch.float32)
+    for i0 in range(0, n_images, image_block):
+        rows = slice(i0, min(i0 + image_block, n_images))
+        for c0 in range(0, n_captions, caption_block):
+            cols = slice(c0, min(c0 + caption_block, n_captions))
+            sims[rows, cols] = score_block(rows, cols).float()
+            if progress is not None:
+                progress((rows.stop - rows.start) * (cols.stop - cols.start))
+    return sims
+
+
+def format_table(metrics: dict[str, float], chance: dict[str, float] | None = None, title: str = "") -> str:
+    """A Markdown table laid out like DOVE's Table I (i2t R@1/5/10, t2i R@1/5/10, mR) plus ranks."""
+    head = "| | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR | R@sum | i2t MedR | t2i MedR |"
+    sep = "|" + "---|" * 11
+    def row(name: str, m: dict[str, float]) -> str:
+        vals = [m.get(k) for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR", "rsum", "i2t_medr", "t2i_medr")]
+        cells = ["—" if v is None else f"{v:.2f}" for v in vals]
+        return f"| {name} | " + " | ".join(cells) + " |"
+    lines = ([f"**{title}**", ""] if title else []) + [head, sep, row("model", metrics)]
+    if chance is not None:
+        lines.append(row("chance", chance))
+    return "\n".join(lines)
+
+
+#: Fixed scoring block (images × captions). It bounds memory only; it is deliberately not tied to
+#: the user's batch size so that the assembled matrix is the same whatever batch size is chosen.
+SCORE_IMAGE_BLOCK = 128
+SCORE_CAPTION_BLOCK = 4096
+
+
+@torch.no_grad()
+def compute_similarity(
+    model,
+    image_features: dict[str, torch.Tensor],
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Score every image against every caption: (n_images, n_captions).
+
+    Each side is encoded once in chunks of ``batch_size`` (encodings depend on one item only), then
+    the pairs are scored block by block. Nothing here looks at which caption belongs to which image.
+    """
+    from tqdm.auto import tqdm
+
+    from rsitr.models.base import concat_encodings, take_rows
+
+    model.eval()
+    n_images = next(iter(image_features.values())).shape[0]
+    n_captions = tokens.shape[0]
+    images = concat_encodings([
+        model.encode_image(take_rows(image_features, slice(i, i + batch_size))) for i in range(0, n_images, batch_size)
+    ])
+    texts = []
+    for c in range(0, n_captions, batch_size):
+        chunk_lengths = lengths[c : c + batch_size]
+        texts.append(model.encode_text(tokens[c : c + batch_size, : int(chunk_lengths.max())], chunk_lengths))
+    text_encoding = concat_encodings(texts)
+    with tqdm(total=n_images * n_captions, desc="scoring pairs", unit="pair", unit_scale=True, disable=not progress, leave=False) as bar:
+        return blockwise_similarity(
+            lambda rows, cols: model.similarity(take_rows(images, rows), take_rows(text_encoding, cols)),
+            n_images, n_captions, SCORE_IMAGE_BLOCK, SCORE_CAPTION_BLOCK, progress=bar.update,
+        )

@@ -1,0 +1,72 @@
+"""The one interface every retrieval model implements.
+
+Two kinds of model exist in this field and both fit it:
+
+* **separable** models (VSE++, DOVE without IGA) embed an image and a caption independently;
+  ``similarity`` is the cosine matrix of the two embeddings;
+* **pairwise** models (DOVE, SCAN, AMFMN, DSAN, ACF) compute the score of an (image, caption) pair
+  from both sides; ``similarity`` scores every pair of an image chunk and a caption chunk.
+
+In both cases ``encode_image`` and ``encode_text`` depend on one item only (no batch statistics),
+and ``similarity`` of a pair depends on that pair only, so evaluation can encode each side once
+and score the full matrix in blocks of any size with the same result.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+Encoding = dict[str, torch.Tensor]
+
+
+def take_rows(encoding: Encoding, index: slice | torch.Tensor) -> Encoding:
+    """Rows ``index`` of every tensor of an encoding (all share the first dimension)."""
+    return {key: value[index] for key, value in encoding.items()}
+
+
+def concat_encodings(parts: list[Encoding]) -> Encoding:
+    """Concatenate encodings of consecutive chunks along the first dimension."""
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+class RetrievalModel(nn.Module):
+    """Base class: subclasses set ``architecture``, ``image_inputs`` and implement the four methods."""
+
+    architecture: ClassVar[str] = ""
+    #: keys of the cached image features the model reads (see ``rsitr.features``).
+    image_inputs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def pairwise(self) -> bool:
+        """Whether a caption's final embedding depends on the candidate image."""
+        return False
+
+    def encode_image(self, features: dict[str, torch.Tensor]) -> Encoding:
+        raise NotImplementedError
+
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> Encoding:
+        raise NotImplementedError
+
+    def similarity(self, images: Encoding, texts: Encoding) -> torch.Tensor:
+        """(n_images, n_texts) scores of every image of ``images`` against every text of ``texts``."""
+        raise NotImplementedError
+
+    def training_loss(
+        self,
+        features: dict[str, torch.Tensor],
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        image_ids: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Named loss terms of a batch of B (image, caption) pairs; ``"loss"`` is the total."""
+        raise NotImplementedError
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,251 @@
+"""DOVE: Direction-Oriented Visual-semantic Embedding (Ma, Pan, Bai; equations cited from the paper).
+
+Image side: multiscale visual features (MSV, Eq. 1) from the four stages of a frozen ResNet and
+N_r region features from an RoI encoder (Eq. 2), fused by Intra-modal Fusion Attention
+(IFA, Eq. 17–22) into the final visual embedding V_MR.
+Text side: word embeddings → bidirectional GRU (Eq. 3–4) → Digging Text Genome Assistant
+(DTGA, Eq. 12–16) → word-level features F_G, whose mean is T_G; Inter-modal Guidance Attention
+(IGA, Eq. 23–28) then guides the text with the regional features of the candidate image to give
+T_RG. The objective (Eq. 29–31) is the triplet loss on (V_MR, T_RG) plus λ_g times the same loss
+on the global pair (V_M, T_G).
+
+Choices where the paper is silent or ambiguous (each is a config field where it matters):
+
+* **IGA is scored per pair.** Eq. 24–27 expand the means E_R, E_G to the text batch B_c and form
+  ``S_RG = σ(F'_R F'_G^T)`` (B_c × B_c), which would mix the captions of a batch and make a
+  caption's embedding depend on which other captions share its batch. We use the per-pair reading:
+  for image i and caption j, ``s_ij = σ(r_i · g_j / √d)`` and ``F_{R⊕G} = s_ij g_j + r_i`` (Eq. 26–27
+  restricted to one pair). Consequently T_RG depends on the candidate image and DOVE is a
+  *pairwise* model: evaluation scores every (image, caption) pair and never uses the ground-truth
+  pairing to build an embedding.
+* **Score scaling.** Eq. 19 and 26 apply σ to raw dot products; at d = 512 these saturate the
+  sigmoid at initialisation. ``score_scale=True`` (default) divides by √d as Eq. 11 does.
+* **MLP** (Eq. 1, 16, 28) is Linear → ReLU → Linear with the residual the equations show; no
+  normalisation layers, so nothing depends on batch statistics.
+* **DTGA.** One gated self-attention per direction serves both Eq. 12 (attention features of the
+  own direction) and Eq. 14 (input of the other direction's probability matrix), which keeps the
+  module "lightweight" (two attention operations). ``F`` of Eq. 14 is Linear → ReLU → Linear →
+  sigmoid, so that P is a gate in (0, 1) as "probability matrix" implies.
+* **MSV projection.** Eq. 1 needs M_v in R^{N_m × d}; each stage's globally pooled map (256–2048
+  channels) is mapped to d by its own linear layer before Eq. 1.
+* **Padding.** Means over words (Eq. 23, 29) and over regions skip padded positions; padded
+  regions get zero weight in S_MR.
+* **Loss.** Eq. 30 sums the hinge over the negatives of each positive pair; we average over the
+  positive pairs of the batch. Captions of the same image are not negatives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from rsitr.losses import same_image_mask, triplet_ranking_loss
+from rsitr.models.base import Encoding, RetrievalModel
+from rsitr.models.layers import GatedSelfAttention, ResidualMLP, cosine_matrix, length_mask, make_head, masked_mean
+from rsitr.models.registry import register_architecture
+
+DTGA_INPUTS = ("fb", "ff", "bb", "mean", "none")
+
+
+@dataclass
+class DoveConfig:
+    """Hyper-parameters of DOVE; defaults are the paper's (Sec. IV-B)."""
+
+    embed_dim: int = 512  # d, the joint embedding size (Table V: 512 best)
+    word_dim: int = 300  # word vectors (GloVe size)
+    attention_heads: int = 2  # heads of the gated self-attention in DTGA
+    dtga: str = "fb"  # DTGA inputs: fb = (H^f, H^b), ff, bb, mean = both (H^f+H^b)/2; none = mean of directions, no DTGA (Table II/III)
+    ifa: bool = True  # False replaces IFA by plain concatenation (Table III "w/o IFA")
+    ifa_head: str = "linear"  # linear | nonlinear (Table IV)
+    iga: bool = True  # False drops IGA: T_RG = T_G and the model becomes separable (Table III)
+    iga_head: str = "nonlinear"  # linear | nonlinear (Table IV)
+    score_scale: bool = True  # divide the σ scores of Eq. 19/26 by √d
+    margin: float = 0.2  # α of Eq. 30
+    lambda_g: float = 10.0  # λ_g of Eq. 31
+    pair_block: int = 131072  # pairs scored at once by IGA (memory bound only; results do not depend on it)
+
+    def __post_init__(self) -> None:
+        if self.dtga not in DTGA_INPUTS:
+            raise ValueError(f"dtga must be one of {DTGA_INPUTS}, got {self.dtga!r}")
+        for name in ("ifa_head", "iga_head"):
+            if getattr(self, name) not in ("linear", "nonlinear"):
+                raise ValueError(f"{name} must be 'linear' or 'nonlinear', got {getattr(self, name)!r}")
+
+
+class MultiscaleVisual(nn.Module):
+    """MSV encoder head: per-stage projection to d, then ``F_M = MLP(M_v) + M_v`` (Eq. 1)."""
+
+    def __init__(self, level_channels: list[int], dim: int) -> None:
+        super().__init__()
+        self.projections = nn.ModuleList(nn.Linear(c, dim) for c in level_channels)
+        self.mlp = ResidualMLP(dim)
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        m_v = torch.stack([proj(x) for proj, x in zip(self.projections, levels)], dim=1)
+        return self.mlp(m_v)
+
+
+class DTGA(nn.Module):
+    """Digging Text Genome Assistant (Eq. 12–16) over the two GRU directions."""
+
+    def __init__(self, dim: int, heads: int, inputs: str) -> None:
+        super().__init__()
+        self.inputs = inputs
+        self.attend_first = GatedSelfAttention(dim, heads)
+        self.attend_second = GatedSelfAttention(dim, heads)
+        self.prob_first = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.Sigmoid())
+        self.prob_second = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.Sigmoid())
+        self.decode = ResidualMLP(dim)
+
+    def select_inputs(self, forward: torch.Tensor, backward: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input pair of Table II."""
+        if self.inputs == "fb":
+            return forward, backward
+        if self.inputs == "ff":
+            return forward, forward
+        if self.inputs == "bb":
+            return backward, backward
+        mean = (forward + backward) / 2
+        return mean, mean
+
+    def forward(self, forward: torch.Tensor, backward: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        first, second = self.select_inputs(forward, backward)
+        attended_first = self.attend_first(first, mask)  # Eq. 12
+        attended_second = self.attend_second(second, mask)
+        joint_first = attended_first + first  # Eq. 13
+        joint_second = attended_second + second
+        prob_second = self.prob_second(attended_second)  # Eq. 14
+        prob_first = self.prob_first(attended_first)
+        combined = joint_first * prob_second + joint_second * prob_first  # Eq. 15 and its mirror
+        return self.decode(combined)  # Eq. 16
+
+
+class IFA(nn.Module):
+    """Intra-modal Fusion Attention (Eq. 17–22): multiscale and regional features activate each other."""
+
+    def __init__(self, dim: int, head: str, score_scale: bool) -> None:
+        super().__init__()
+        self.multiscale = nn.Linear(dim, dim)  # Eq. 17
+        self.regional = nn.Linear(dim, dim)  # Eq. 18
+        self.head = make_head(head, dim)  # Eq. 22 (linear) or MLP + residual
+        self.scale = 1.0 / math.sqrt(dim) if score_scale else 1.0
+
+    def forward(self, f_m: torch.Tensor, f_r: torch.Tensor, region_mask: torch.Tensor) -> torch.Tensor:
+        fm = self.multiscale(f_m)
+        fr = self.regional(f_r)
+        scores = torch.sigmoid(fm @ fr.transpose(1, 2) * self.scale)  # Eq. 19, (n, N_m, N_r)
+        scores = scores * region_mask[:, None, :].to(scores.dtype)
+        r_into_m = scores @ fr + fm  # Eq. 20
+        m_into_r = scores.transpose(1, 2) @ fm + fr  # Eq. 21
+        return self.head(torch.cat([r_into_m, m_into_r], dim=1))  # Eq. 22
+
+
+class IGA(nn.Module):
+    """Inter-modal Guidance Attention (Eq. 23–28), evaluated for every (image, caption) pair."""
+
+    def __init__(self, dim: int, head: str, score_scale: bool, pair_block: int) -> None:
+        super().__init__()
+        self.regional = nn.Linear(dim, dim)  # Eq. 24
+        self.textual = nn.Linear(dim, dim)  # Eq. 25
+        self.head_kind = head
+        self.head = make_head(head, dim)  # Eq. 28
+        self.scale = 1.0 / math.sqrt(dim) if score_scale else 1.0
+        self.pair_block = pair_block
+
+    def pair_scores(self, region_mean: torch.Tensor, text_mean: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """cos(V_MR_i, T_RG_ij) for all i, j: (n_images, n_texts).
+
+        The first linear layer of the head is applied to r and g separately (it is linear, so
+        ``W(s g + r) = s Wg + Wr``), which leaves one d × d product per pair for the non-linear head.
+        """
+        r = self.regional(region_mean)  # F'_R, (n_i, d)
+        g = self.textual(text_mean)  # F'_G, (n_t, d)
+        s = torch.sigmoid(r @ g.T * self.scale)  # Eq. 26, (n_i, n_t)
+        if self.head_kind == "linear":
+            return self._linear_head_cosine(r, g, s, visual)
+        rows = max(1, self.pair_block // max(1, g.shape[0]))
+        blocks = [self._nonlinear_block(r[i : i + rows], g, s[i : i + rows], visual[i : i + rows]) for i in range(0, r.shape[0], rows)]
+        return torch.cat(blocks, dim=0)
+
+    def _nonlinear_block(self, r: torch.Tensor, g: torch.Tensor, s: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        mlp: ResidualMLP = self.head  # type: ignore[assignment]
+        guided = s[..., None] * g[None] + r[:, None]  # Eq. 27, (b, n_t, d)
+        hidden = F.relu(s[..., None] * (g @ mlp.fc1.weight.T)[None] + (r @ mlp.fc1.weight.T + mlp.fc1.bias)[:, None])
+        text = mlp.fc2(hidden) + guided  # Eq. 28
+        return F.cosine_similarity(text, visual[:, None, :], dim=-1)
+
+    def _linear_head_cosine(self, r: torch.Tensor, g: torch.Tensor, s: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """Closed form of the cosine for the linear head: t_ij = s_ij·Wg_j + (Wr_i + b)."""
+        lin: nn.Linear = self.head  # type: ignore[assignment]
+        wg = g @ lin.weight.T
+        wr = r @ lin.weight.T + lin.bias
+        dot = s * (visual @ wg.T) + (visual * wr).sum(-1, keepdim=True)
+        norm_sq = s.square() * wg.square().sum(-1)[None] + 2 * s * (wr @ wg.T) + wr.square().sum(-1, keepdim=True)
+        return dot / (norm_sq.clamp(min=1e-12).sqrt() * visual.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+
+
+@register_architecture("dove", DoveConfig)
+class DOVE(RetrievalModel):
+    """DOVE over cached backbone features (``level1..4``, ``regions``, ``region_mask``)."""
+
+    image_inputs = ("level1", "level2", "level3", "level4", "regions", "region_mask")
+
+    def __init__(self, config: DoveConfig, feature_dims: dict[str, Any], vocab_size: int) -> None:
+        super().__init__(config)
+        d = config.embed_dim
+        self.msv = MultiscaleVisual(list(feature_dims["level_channels"]), d)
+        self.region_fc = nn.Linear(int(feature_dims["region_channels"]), d)  # Eq. 2
+        self.word_embedding = nn.Embedding(vocab_size, config.word_dim, padding_idx=0)
+        self.gru = nn.GRU(config.word_dim, d, batch_first=True, bidirectional=True)  # Eq. 3–4
+        self.dtga = None if config.dtga == "none" else DTGA(d, config.attention_heads, config.dtga)
+        self.ifa = IFA(d, config.ifa_head, config.score_scale) if config.ifa else None
+        self.iga = IGA(d, config.iga_head, config.score_scale, config.pair_block) if config.iga else None
+
+    @property
+    def pairwise(self) -> bool:
+        return self.iga is not None
+
+    def encode_image(self, features: dict[str, torch.Tensor]) -> Encoding:
+        levels = [features[f"level{i}"].float() for i in range(1, 5)]
+        mask = features["region_mask"].bool()
+        f_m = self.msv(levels)  # Eq. 1, (n, N_m, d)
+        f_r = self.region_fc(features["regions"].float())  # Eq. 2, (n, N_r, d)
+        if self.ifa is not None:
+            f_mr = self.ifa(f_m, f_r, mask)
+        else:
+            f_mr = torch.cat([f_m, f_r], dim=1)  # "w/o IFA": concatenation
+        fused_mask = torch.cat([torch.ones_like(mask[:, : f_m.shape[1]]), mask], dim=1)
+        return {
+            "visual": masked_mean(f_mr, fused_mask),  # V_MR
+            "global": f_m.mean(dim=1),  # V_M, Eq. 29
+            "region_mean": masked_mean(f_r, mask),  # E_R, Eq. 23
+        }
+
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> Encoding:
+        d = self.config.embed_dim
+        embedded = self.word_embedding(tokens)
+        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=tokens.shape[1])
+        forward, backward = hidden[..., :d], hidden[..., d:]
+        mask = length_mask(lengths, tokens.shape[1])
+        words = (forward + backward) / 2 if self.dtga is None else self.dtga(forward, backward, mask)  # Eq. 5
+        return {"global": masked_mean(words, mask)}  # T_G = E_G (Eq. 23, 29)
+
+    def similarity(self, images: Encoding, texts: Encoding) -> torch.Tensor:
+        if self.iga is None:
+            return cosine_matrix(images["visual"], texts["global"])
+        return self.iga.pair_scores(images["region_mean"], texts["global"], images["visual"])
+
+    def training_loss(self, features, tokens, lengths, image_ids) -> dict[str, torch.Tensor]:
+        images = self.encode_image(features)
+        texts = self.encode_text(tokens, lengths)
+        same = same_image_mask(image_ids)
+        final = triplet_ranking_loss(self.similarity(images, texts), same, self.config.margin)
+        constraint = triplet_ranking_loss(cosine_matrix(images["global"], texts["global"]), same, self.config.margin)
+        return {"loss": final + self.config.lambda_g * constraint, "final": final.detach(), "global": constraint.detach()}

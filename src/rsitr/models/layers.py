@@ -1,0 +1,87 @@
+"""Building blocks shared by the retrieval models."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim: int = 1) -> torch.Tensor:
+    """Mean of ``x`` over ``dim`` counting only positions where ``mask`` is True."""
+    if mask is None:
+        return x.mean(dim=dim)
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    return (x * weights).sum(dim=dim) / weights.sum(dim=dim).clamp(min=1.0)
+
+
+def length_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
+    """(B, L) bool mask of the valid positions of padded sequences."""
+    return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class ResidualMLP(nn.Module):
+    """``MLP(x) + x`` with a two-layer MLP (Linear → ReLU → Linear), the non-linear head of DOVE.
+
+    No normalisation layer: a batch statistic would make one item's embedding depend on the
+    other items of its batch, which evaluation must never allow.
+    """
+
+    def __init__(self, dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden or dim)
+        self.fc2 = nn.Linear(hidden or dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x))) + x
+
+
+def make_head(kind: str, dim: int) -> nn.Module:
+    """A decoding head: ``"linear"`` (one Linear) or ``"nonlinear"`` (:class:`ResidualMLP`)."""
+    if kind == "linear":
+        return nn.Linear(dim, dim)
+    if kind == "nonlinear":
+        return ResidualMLP(dim)
+    raise ValueError(f"unknown head {kind!r}; use 'linear' or 'nonlinear'")
+
+
+class GatedSelfAttention(nn.Module):
+    """Gated self-attention (DOVE Eq. 6–11) with several heads.
+
+    Q, K, V are linear maps of the input (Eq. 7); a gate ``G = σ((Q ⊙ K) W_A + b_A)`` (Eq. 8)
+    scales queries and keys (Eq. 9–10) before scaled dot-product attention (Eq. 11). With h heads
+    the scale is ``sqrt(d / h)``, the per-head width, which reduces to Eq. 11's ``sqrt(d)`` at h = 1.
+    Padded key positions are masked out of the softmax.
+    """
+
+    def __init__(self, dim: int, heads: int = 2) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"embedding size {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.gate = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        g = torch.sigmoid(self.gate(q * k))
+        q, k = g * q, g * k
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, length, self.heads, dim // self.heads).transpose(1, 2)
+
+        scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(dim // self.heads)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        out = scores.softmax(dim=-1) @ split(v)
+        return out.transpose(1, 2).reshape(batch, length, dim)
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, m) cosine similarity of the rows of ``a`` (n, d) and ``b`` (m, d)."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T

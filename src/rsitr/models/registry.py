@@ -1,0 +1,121 @@
+"""Model registry: names come from the YAML files in ``rsitr/model_configs``.
+
+A model is one Python module that registers its architecture with :func:`register_architecture`
+and one YAML file per named configuration::
+
+    architecture: dove        # the registered class
+    backbone: resnet50        # the frozen image backbone whose features it reads
+    params:                   # fields of the architecture's config dataclass
+      embed_dim: 512
+
+``create_model("dove", ...)`` reads ``dove.yaml``; an unknown name raises an error listing the
+available ones, and an unknown parameter an error listing the valid fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rsitr.errors import ConfigError, UnknownModelError
+from rsitr.models.base import RetrievalModel
+
+_ARCHITECTURES: dict[str, tuple[type[RetrievalModel], type]] = {}
+
+
+def register_architecture(name: str, config_class: type):
+    """Class decorator: make ``cls`` constructible by architecture ``name`` from ``config_class``."""
+
+    def wrap(cls: type[RetrievalModel]) -> type[RetrievalModel]:
+        cls.architecture = name
+        _ARCHITECTURES[name] = (cls, config_class)
+        return cls
+
+    return wrap
+
+
+@dataclass
+class ModelSpec:
+    """A named model: architecture, backbone and parameter values."""
+
+    name: str
+    architecture: str
+    backbone: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ModelSpec:
+        return dataclasses.replace(self, params={**self.params, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "architecture": self.architecture, "backbone": self.backbone, "params": dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(name=data["name"], architecture=data["architecture"], backbone=data["backbone"], params=dict(data.get("params") or {}))
+
+
+def _config_dir():
+    return resources.files("rsitr") / "model_configs"
+
+
+def list_models() -> list[str]:
+    """Names of all model configurations shipped with rsitr."""
+    _import_models()
+    return sorted(p.name[: -len(".yaml")] for p in _config_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def get_model_spec(name: str | Path) -> ModelSpec:
+    """The spec of a shipped model name, or of a user's YAML file given by path."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        text, label = path.read_text(encoding="utf-8"), path.stem
+    else:
+        resource = _config_dir() / f"{name}.yaml"
+        if not resource.is_file():
+            raise UnknownModelError(f"unknown model {str(name)!r}; available: {', '.join(list_models())}")
+        text, label = resource.read_text(encoding="utf-8"), str(name)
+    data = yaml.safe_load(text) or {}
+    for key in ("architecture", "backbone"):
+        if key not in data:
+            raise ConfigError(f"model config {label!r} lacks the {key!r} field")
+    return ModelSpec(name=label, architecture=data["architecture"], backbone=data["backbone"], params=dict(data.get("params") or {}))
+
+
+def build_config(architecture: str, params: dict[str, Any]):
+    """The typed config dataclass of ``architecture`` filled from ``params`` (unknown keys rejected)."""
+    _import_models()
+    if architecture not in _ARCHITECTURES:
+        raise UnknownModelError(f"unknown architecture {architecture!r}; available: {', '.join(sorted(_ARCHITECTURES))}")
+    config_class = _ARCHITECTURES[architecture][1]
+    valid = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise ConfigError(f"{architecture}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    return config_class(**params)
+
+
+def create_model(spec: ModelSpec | str, feature_dims: dict[str, Any], vocab_size: int, **overrides: Any) -> RetrievalModel:
+    """Build a model from a name or spec.
+
+    Args:
+        spec: a registered model name, a YAML path, or a :class:`ModelSpec`.
+        feature_dims: channel counts of the cached image features (``rsitr.features.feature_dims``).
+        vocab_size: number of embedding rows (padding included).
+        **overrides: config fields to replace.
+    """
+    if not isinstance(spec, ModelSpec):
+        spec = get_model_spec(spec)
+    spec = spec.with_overrides(overrides)
+    config = build_config(spec.architecture, spec.params)
+    model_class = _ARCHITECTURES[spec.architecture][0]
+    return model_class(config, feature_dims=feature_dims, vocab_size=vocab_size)
+
+
+def _import_models() -> None:
+    """Import the modules that register architectures (kept lazy to avoid import cycles)."""
+    from rsitr.models import dove  # noqa: F401

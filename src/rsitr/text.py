@@ -1,0 +1,132 @@
+"""Text processing: a download-free tokenizer, vocabularies, and optional GloVe vectors.
+
+The vocabulary file is the AMFMN json layout (``word2idx``, ``idx2word``, ``idx``) so that a user's
+AMFMN/GaLR vocabulary loads unchanged: indices start at 1 (0 is padding) and the last index is
+``<unk>``, which every out-of-vocabulary word maps to.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rsitr.errors import DatasetError
+from rsitr.io import write_json
+
+PAD_INDEX = 0
+UNK_TOKEN = "<unk>"
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-case word tokens; punctuation is dropped, digits kept ("2 planes" → ["2", "planes"])."""
+    return _WORD.findall(text.lower())
+
+
+class Vocabulary:
+    """Word ↔ index map with 0 reserved for padding and ``<unk>`` as the last index."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        unique = [w for w in dict.fromkeys(words) if w != UNK_TOKEN]
+        self.idx2word = [""] + unique + [UNK_TOKEN]  # position 0 is padding
+        self.word2idx = {w: i for i, w in enumerate(self.idx2word) if i > 0}
+        self.unk_index = self.word2idx[UNK_TOKEN]
+
+    def __len__(self) -> int:
+        """Number of embedding rows needed (padding row included)."""
+        return len(self.idx2word)
+
+    def __contains__(self, word: str) -> bool:
+        return word in self.word2idx
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.idx2word == other.idx2word
+
+    def encode(self, text: str) -> list[int]:
+        """Indices of the tokens of ``text``; unknown words become ``<unk>``."""
+        return [self.word2idx.get(tok, self.unk_index) for tok in tokenize(text)]
+
+    def decode(self, indices: Iterable[int]) -> list[str]:
+        return [self.idx2word[i] for i in indices if i != PAD_INDEX]
+
+    @classmethod
+    def build(cls, texts: Iterable[str], min_count: int = 1) -> Vocabulary:
+        """Vocabulary of the words seen at least ``min_count`` times, most frequent first (ties alphabetical)."""
+        counts = Counter(tok for text in texts for tok in tokenize(text))
+        kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
+        return cls(kept)
+
+    def to_json(self) -> dict:
+        """The AMFMN vocabulary layout."""
+        return {
+            "word2idx": dict(self.word2idx),
+            "idx2word": {str(i): w for i, w in enumerate(self.idx2word) if i > 0},
+            "idx": len(self.idx2word),
+        }
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        """Read an AMFMN-style vocabulary json (``word2idx`` required; indices must be 1..n)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            word2idx = data["word2idx"]
+        except FileNotFoundError as exc:
+            raise DatasetError(path, "vocabulary file not found") from exc
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise DatasetError(path, "not a vocabulary json (needs a 'word2idx' object)") from exc
+        ordered = sorted(word2idx.items(), key=lambda kv: int(kv[1]))
+        expected = list(range(1, len(ordered) + 1))
+        if [int(i) for _, i in ordered] != expected:
+            raise DatasetError(path, "vocabulary indices must run 1..n without gaps (0 is padding)")
+        return cls([w for w, _ in ordered])
+
+
+def encode_batch(vocab: Vocabulary, texts: Sequence[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a list of texts into ``(tokens (B, L) int64, lengths (B,) int64)``.
+
+    Empty captions (no token at all) encode as a single ``<unk>`` so that recurrent encoders always
+    see at least one step; readers reject empty captions before this point.
+    """
+    encoded = [vocab.encode(t)[:max_length] if max_length else vocab.encode(t) for t in texts]
+    encoded = [e if e else [vocab.unk_index] for e in encoded]
+    lengths = torch.tensor([len(e) for e in encoded], dtype=torch.int64)
+    tokens = torch.full((len(encoded), int(lengths.max()) if encoded else 1), PAD_INDEX, dtype=torch.int64)
+    for row, seq in enumerate(encoded):
+        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.int64)
+    return tokens, lengths
+
+
+def load_glove(path: str | Path, vocab: Vocabulary, dim: int) -> tuple[torch.Tensor, int]:
+    """Embedding matrix (len(vocab), dim) from a GloVe text file; returns it and the number of words found.
+
+    Words absent from the file keep a small random vector (seeded by the caller's RNG state); the
+    padding row is zero. A line whose vector length differs from ``dim`` raises a one-line error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, "GloVe file not found")
+    weights = torch.randn(len(vocab), dim) * 0.1
+    weights[PAD_INDEX] = 0.0
+    found = 0
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            word, _, rest = line.rstrip("\n").partition(" ")
+            index = vocab.word2idx.get(word)
+            if index is None:
+                continue
+            values = np.array(rest.split(), dtype=np.float32)
+            if values.shape != (dim,):
+                raise DatasetError(path, f"line {line_no}: vector of length {values.size}, expected {dim}")
+            weights[index] = torch.from_numpy(values)
+            found += 1
+    return weights, found
