@@ -174,11 +174,20 @@ class IGA(nn.Module):
         return torch.cat(blocks, dim=0)
 
     def _nonlinear_block(self, r: torch.Tensor, g: torch.Tensor, s: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        """Non-linear head for a block of b images × n_t captions, touching each (b, n_t, d) tensor few times.
+
+        t_ij = W2 relu(s_ij W1 g_j + W1 r_i + b1) + b2 + s_ij g_j + r_i   (Eq. 27–28)
+        """
         mlp: ResidualMLP = self.head  # type: ignore[assignment]
-        guided = s[..., None] * g[None] + r[:, None]  # Eq. 27, (b, n_t, d)
-        hidden = F.relu(s[..., None] * (g @ mlp.fc1.weight.T)[None] + (r @ mlp.fc1.weight.T + mlp.fc1.bias)[:, None])
-        text = mlp.fc2(hidden) + guided  # Eq. 28
-        return F.cosine_similarity(text, visual[:, None, :], dim=-1)
+        w1_g = g @ mlp.fc1.weight.T  # (n_t, d)
+        w1_r = r @ mlp.fc1.weight.T + mlp.fc1.bias  # (b, d)
+        hidden = torch.addcmul(w1_r[:, None, :], s[..., None], w1_g[None]).relu_()  # (b, n_t, d)
+        w2 = mlp.fc2.weight.T.expand(hidden.shape[0], -1, -1)
+        text = torch.baddbmm((r + mlp.fc2.bias)[:, None, :], hidden, w2)  # W2 h + b2 + r_i
+        text = text.addcmul(s[..., None], g[None])  # + s_ij g_j
+        dot = torch.bmm(text, visual[:, :, None]).squeeze(-1)
+        norms = torch.linalg.vector_norm(text, dim=-1) * torch.linalg.vector_norm(visual, dim=-1, keepdim=True)
+        return dot / norms.clamp(min=1e-12)
 
     def _linear_head_cosine(self, r: torch.Tensor, g: torch.Tensor, s: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """Closed form of the cosine for the linear head: t_ij = s_ij·Wg_j + (Wr_i + b)."""

@@ -1,0 +1,214 @@
+"""The ``rsitr`` console script.
+
+Every sub-command is a thin layer over the library; ``main(argv)`` takes an explicit argument
+list so tests run commands end to end. Errors about user input print one line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from rsitr.errors import RsitrError
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="run config YAML (sections data/features/model/text/train)")
+    parser.add_argument("--dataset", help="dataset file or folder (sets data.path)")
+    parser.add_argument("--layout", help="auto | karpathy | precomp | pir")
+    parser.add_argument("--images", help="image folder, when not beside the caption files")
+    parser.add_argument("--model", help="registered model name or model YAML")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--backbone-weights", help="torchvision-layout ResNet weights (.safetensors or .pth)")
+    parser.add_argument("--detections", help="detections json giving the region boxes")
+    parser.add_argument("--glove", help="GloVe vectors text file for the word embedding")
+    parser.add_argument("--cache-dir", help="feature cache folder")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field")
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    pairs = [
+        ("data.path", args.dataset), ("data.layout", args.layout), ("data.image_dir", args.images),
+        ("model.name", args.model), ("train.epochs", args.epochs), ("train.batch_size", args.batch_size),
+        ("train.seed", args.seed), ("features.backbone_weights", args.backbone_weights),
+        ("features.detections", args.detections), ("text.glove", args.glove), ("features.cache_dir", args.cache_dir),
+    ]
+    return [f"{key}={json.dumps(value) if isinstance(value, str) else value}" for key, value in pairs if value is not None] + list(args.set)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rsitr.config import load_config
+    from rsitr.training import train
+
+    config = load_config(args.config, _train_overrides(args))
+    summary = train(config, args.out, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    print(f"run directory: {args.out}  (evaluate with: rsitr evaluate {args.out} --split test)")
+    return 0
+
+
+def evaluate_run(run_dir: str | Path, split: str, batch_size: int, json_path: str | Path | None, progress: bool = True) -> dict:
+    """Evaluate a run directory on ``split``; print the table with chance beside it; write JSON."""
+    from rsitr.evaluation import chance_metrics, format_table
+    from rsitr.io import write_json
+    from rsitr.training import evaluate_split, load_run
+
+    model, prepared = load_run(run_dir, progress=progress)
+    started = time.perf_counter()
+    metrics, sims, data = evaluate_split(model, prepared, split, batch_size, progress=progress)
+    seconds = time.perf_counter() - started
+    chance = chance_metrics(len(data.image_ids), data.caption_local_image)
+    print(format_table(metrics, chance, title=f"{prepared.spec.name} on {prepared.dataset.name} {split}: "
+                       f"{len(data.image_ids)} images, {len(data.lengths)} captions"))
+    print(f"scored {sims.numel():,} pairs in {seconds:.2f} s")
+    result = {"model": prepared.spec.name, "dataset": prepared.dataset.name, "split": split,
+              "n_images": len(data.image_ids), "n_captions": int(len(data.lengths)), "metrics": metrics,
+              "chance": chance, "seconds": round(seconds, 3)}
+    write_json(json_path or Path(run_dir) / f"eval_{split}.json", result)
+    return result
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    evaluate_run(args.run_dir, args.split, args.batch_size, args.json, progress=not args.quiet)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rsitr.config import load_config
+    from rsitr.data.synth import generate_synthetic
+    from rsitr.training import train
+
+    out = Path(args.out)
+    started = time.perf_counter()
+    data_dir = out / "data"
+    if not (data_dir / "dataset_synth.json").is_file():
+        generate_synthetic(data_dir, num_images=args.num_images, image_size=128, seed=0)
+    config_file = resources.files("rsitr") / "run_configs" / "demo.yaml"
+    overrides = [f"data.path={json.dumps(str(data_dir / 'dataset_synth.json'))}",
+                 f"features.cache_dir={json.dumps(str(out / 'cache'))}"]
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    with resources.as_file(config_file) as config_path:
+        config = load_config(config_path, overrides)
+    run_dir = out / "run"
+    summary = train(config, run_dir, progress=not args.quiet)
+    result = evaluate_run(run_dir, "test", config.train.eval_batch_size, None, progress=not args.quiet)
+    total = time.perf_counter() - started
+    print(f"demo finished in {total:.0f} s; best validation epoch {summary['best_epoch']}; "
+          f"test mR {result['metrics']['mR']:.2f} vs chance {result['chance']['mR']:.2f}")
+    print(f"run directory: {run_dir}  (rsitr evaluate {run_dir} --split test)")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from rsitr.data.synth import generate_synthetic
+
+    dataset = generate_synthetic(args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed)
+    print(f"wrote {dataset.num_images} images and {dataset.num_captions} captions to {args.out} ({dataset.summary()})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from rsitr.data import load_dataset
+
+    dataset = load_dataset(args.path, layout=args.layout, image_dir=args.images)
+    print(f"{dataset.name}: {dataset.num_images} images, {dataset.num_captions} captions; {dataset.summary()}")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from rsitr.config import default_cache_dir
+    from rsitr.data import load_dataset
+    from rsitr.features import FeatureSpec, extract_features
+
+    dataset = load_dataset(args.path, layout=args.layout, image_dir=args.images)
+    spec = FeatureSpec(backbone=args.backbone, weights=args.backbone_weights, image_size=args.image_size,
+                       detections=args.detections, precision=args.precision)
+    started = time.perf_counter()
+    features = extract_features(dataset, spec, Path(args.cache_dir or default_cache_dir()), batch_size=args.batch_size)
+    seconds = time.perf_counter() - started
+    print(f"{features.num_images} images ready in {seconds:.1f} s ({features.num_images / max(seconds, 1e-9):.1f} images/s incl. cache hits)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from rsitr.models import get_model_spec, list_models
+
+    for name in list_models():
+        spec = get_model_spec(name)
+        print(f"{name:12s} architecture={spec.architecture:8s} backbone={spec.backbone}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rsitr", description="Remote-sensing image-text retrieval")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="synthetic data → features → train DOVE-S → evaluate, in minutes")
+    demo.add_argument("--out", default="rsitr-demo", help="output folder (data, cache, run)")
+    demo.add_argument("--num-images", type=int, default=600)
+    demo.add_argument("--epochs", type=int, help="override the demo's epoch count")
+    demo.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="write the synthetic dataset (Karpathy layout + detections)")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--num-images", type=int, default=600)
+    synth.add_argument("--image-size", type=int, default=128)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_synth)
+    info = data_sub.add_parser("info", help="read a dataset and print its splits")
+    info.add_argument("path")
+    info.add_argument("--layout", default="auto")
+    info.add_argument("--images")
+    info.set_defaults(func=cmd_info)
+
+    feats = sub.add_parser("features", help="extract and cache backbone features of a dataset")
+    feats.add_argument("path")
+    feats.add_argument("--layout", default="auto")
+    feats.add_argument("--images")
+    feats.add_argument("--backbone", default="resnet50")
+    feats.add_argument("--backbone-weights")
+    feats.add_argument("--detections")
+    feats.add_argument("--image-size", type=int, default=256)
+    feats.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    feats.add_argument("--batch-size", type=int, default=32)
+    feats.add_argument("--cache-dir")
+    feats.set_defaults(func=cmd_features)
+
+    tr = sub.add_parser("train", help="train a model; the best epoch is chosen on the validation split")
+    _add_train_arguments(tr)
+    tr.add_argument("--out", required=True, help="run directory (an existing one is resumed)")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a run directory")
+    ev.add_argument("run_dir")
+    ev.add_argument("--split", default="test", help="val or test (default test)")
+    ev.add_argument("--batch-size", type=int, default=256, help="encoding chunk; results do not depend on it")
+    ev.add_argument("--json", help="where to write the metrics (default RUN_DIR/eval_SPLIT.json)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    models = sub.add_parser("models", help="list registered models")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RsitrError as exc:
+        print(f"rsitr: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

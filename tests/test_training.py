@@ -1,0 +1,131 @@
+"""End-to-end training, checkpoints, resuming and evaluation on a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rsitr.cli import evaluate_run, main
+from rsitr.config import load_config
+from rsitr.errors import CheckpointError, ConfigError
+from rsitr.text import Vocabulary
+from rsitr.training import CHECKPOINT, load_model_weights, load_run, train
+
+
+def tiny_config(dataset, cache, epochs=2, **extra):
+    overrides = [
+        f"data.path={dataset}", f"features.cache_dir={cache}", "features.image_size=64", "features.precision=fp32",
+        "model.name=dove-s", "model.params={embed_dim: 32, word_dim: 16}", f"train.epochs={epochs}",
+        "train.batch_size=16", "train.lr=0.001", "train.eval_batch_size=7",
+    ] + [f"{k}={v}" for k, v in extra.items()]
+    return load_config(None, overrides)
+
+
+def test_train_writes_a_complete_run(tiny_synth, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny_config(tiny_synth, tmp_path / "cache"), run, progress=False, log=lambda *_: None)
+    for name in ("config.yaml", "vocab.json", CHECKPOINT, "resume.pt", "metrics.csv", "training_curves.png"):
+        assert (run / name).is_file(), name
+    rows = (run / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and "val_mR" in rows[0]
+    assert summary["best_epoch"] in (1, 2)
+    assert not list(run.glob(".*.tmp"))  # nothing half-written left behind
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_synth, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    straight = tmp_path / "straight"
+    train(tiny_config(tiny_synth, cache, epochs=2), straight, progress=False, log=lambda *_: None)
+
+    import rsitr.training as training
+
+    original = training._train_epoch
+    calls = {"n": 0}
+
+    def crash_on_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(training, "_train_epoch", crash_on_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_synth, cache, epochs=2), resumed, progress=False, log=lambda *_: None)
+    monkeypatch.setattr(training, "_train_epoch", original)
+    train(tiny_config(tiny_synth, cache, epochs=2), resumed, progress=False, log=lambda *_: None)
+
+    a = torch.load(straight / "resume.pt", weights_only=True)["model"]
+    b = torch.load(resumed / "resume.pt", weights_only=True)["model"]
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    def rows_without_timing(path):
+        import csv
+
+        return [{k: v for k, v in row.items() if k != "train_seconds"} for row in csv.DictReader(path.open())]
+
+    assert rows_without_timing(resumed / "metrics.csv") == rows_without_timing(straight / "metrics.csv")
+
+
+def test_same_seed_same_result_different_seed_differs(tiny_synth, tmp_path):
+    cache = tmp_path / "cache"
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(tiny_config(tiny_synth, cache, epochs=1, **{"train.seed": seed}), tmp_path / name, progress=False, log=lambda *_: None)
+        runs.append(load_file(str(tmp_path / name / CHECKPOINT)))
+    key = "word_embedding.weight"
+    assert torch.equal(runs[0][key], runs[1][key])
+    assert not torch.equal(runs[0][key], runs[2][key])
+
+
+def test_evaluation_does_not_depend_on_batch_size(tiny_synth, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_synth, tmp_path / "cache", epochs=1), run, progress=False, log=lambda *_: None)
+    results = [evaluate_run(run, "test", bs, tmp_path / f"eval{bs}.json", progress=False)["metrics"] for bs in (1, 5, 512)]
+    assert results[0] == results[1] == results[2]
+    saved = json.loads((tmp_path / "eval5.json").read_text())
+    assert saved["split"] == "test" and saved["metrics"] == results[1]
+    assert saved["chance"]["t2i_r1"] == pytest.approx(100 / saved["n_images"])
+
+
+def test_checkpoint_of_another_model_or_vocabulary_is_refused(tiny_synth, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_synth, tmp_path / "cache", epochs=1), run, progress=False, log=lambda *_: None)
+    model, prepared = load_run(run, progress=False)
+    other_vocab = Vocabulary.build(["a completely different vocabulary"])
+    with pytest.raises(CheckpointError, match="vocabulary"):
+        load_model_weights(run / CHECKPOINT, model, prepared.spec, other_vocab)
+    with pytest.raises(CheckpointError, match="model"):
+        load_model_weights(run / CHECKPOINT, model, prepared.spec.with_overrides({"dtga": "none"}), prepared.vocab)
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.safetensors"):
+        load_model_weights(tmp_path / "garbage.safetensors", model, prepared.spec, prepared.vocab)
+
+
+def test_resume_with_a_different_config_is_refused(tiny_synth, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(tiny_synth, tmp_path / "cache", epochs=1), run, progress=False, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="another config"):
+        train(tiny_config(tiny_synth, tmp_path / "cache", epochs=1, **{"train.lr": 0.5}), run, progress=False)
+
+
+def test_cli_train_and_evaluate(tiny_synth, tmp_path, capsys):
+    run = tmp_path / "cli-run"
+    code = main(["--quiet", "train", "--dataset", str(tiny_synth), "--model", "dove-s", "--epochs", "1",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(run), "--set", "features.image_size=64",
+                 "--set", "model.params={embed_dim: 32}"])
+    assert code == 0
+    assert main(["--quiet", "evaluate", str(run), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "| chance |" in out and "i2t R@1" in out
+    assert json.loads((run / "eval_val.json").read_text())["n_images"] > 0
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    code = main(["--quiet", "train", "--dataset", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "nowhere" in err
+    assert main(["--quiet", "evaluate", str(tmp_path)]) == 2
