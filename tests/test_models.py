@@ -151,3 +151,18 @@ def test_paper_defaults():
     model = create_model("dove", {"level_channels": [256, 512, 1024, 2048], "region_channels": 1024}, 1000)
     c = model.config
     assert (c.embed_dim, c.margin, c.lambda_g, c.attention_heads, c.ifa_head, c.iga_head) == (512, 0.2, 10.0, 2, "linear", "nonlinear")
+
+
+def test_feature_standardizer_uses_given_statistics_and_masks_padding():
+    from rsitr.models.layers import FeatureStandardizer
+
+    std = FeatureStandardizer({"level1": 8, "regions": 32})
+    feats = fake_features(20, seed=1)
+    feats["level1"] = feats["level1"] * 3 + 5
+    feats["regions"][0, 3:] = 1e4  # padded regions of image 0 must not enter the statistics
+    std.fit(feats)
+    out = std("level1", feats["level1"])
+    assert torch.allclose(out.mean(0), torch.zeros(8), atol=1e-5)
+    assert torch.allclose(out.std(0), torch.ones(8), atol=1e-5)
+    assert std.regions_mean.abs().max() < 5
+    assert "standardize.level1_mean" in small("dove").state_dict()

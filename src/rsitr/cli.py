@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="synthetic data → features → train DOVE-S → evaluate, in minutes")
     demo.add_argument("--out", default="rsitr-demo", help="output folder (data, cache, run)")
-    demo.add_argument("--num-images", type=int, default=600)
+    demo.add_argument("--num-images", type=int, default=1000)
     demo.add_argument("--epochs", type=int, help="override the demo's epoch count")
     demo.set_defaults(func=cmd_demo)
 

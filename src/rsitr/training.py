@@ -134,6 +134,10 @@ def build_model(prepared: Prepared) -> RetrievalModel:
         weights, found = load_glove(prepared.config.text.glove, prepared.vocab, embedding.embedding_dim)
         embedding.weight.data.copy_(weights)
         print(f"GloVe: {found}/{len(prepared.vocab) - 1} words found")
+    standardizer = getattr(model, "standardize", None)
+    if standardizer is not None:
+        train_ids = torch.tensor(prepared.dataset.split_indices(prepared.config.data.train_split))
+        standardizer.fit(prepared.features.select(train_ids))
     return model
 
 

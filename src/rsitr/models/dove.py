@@ -30,6 +30,9 @@ Choices where the paper is silent or ambiguous (each is a config field where it 
   channels) is mapped to d by its own linear layer before Eq. 1.
 * **Padding.** Means over words (Eq. 23, 29) and over regions skip padded positions; padded
   regions get zero weight in S_MR.
+* **Input standardisation.** The cached backbone features are standardised per channel with
+  training-split statistics (``FeatureStandardizer``; buffers saved in the checkpoint) before
+  Eq. 1 and 2; the paper's linear layers are unchanged.
 * **Loss.** Eq. 30 sums the hinge over the negatives of each positive pair; we average over the
   positive pairs of the batch. Captions of the same image are not negatives.
 """
@@ -47,7 +50,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rsitr.losses import same_image_mask, triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel
-from rsitr.models.layers import GatedSelfAttention, ResidualMLP, cosine_matrix, length_mask, make_head, masked_mean
+from rsitr.models.layers import FeatureStandardizer, GatedSelfAttention, ResidualMLP, cosine_matrix, length_mask, make_head, masked_mean
 from rsitr.models.registry import register_architecture
 
 DTGA_INPUTS = ("fb", "ff", "bb", "mean", "none")
@@ -208,7 +211,11 @@ class DOVE(RetrievalModel):
     def __init__(self, config: DoveConfig, feature_dims: dict[str, Any], vocab_size: int) -> None:
         super().__init__(config)
         d = config.embed_dim
-        self.msv = MultiscaleVisual(list(feature_dims["level_channels"]), d)
+        level_channels = list(feature_dims["level_channels"])
+        self.standardize = FeatureStandardizer(
+            {**{f"level{i}": c for i, c in enumerate(level_channels, start=1)}, "regions": int(feature_dims["region_channels"])}
+        )
+        self.msv = MultiscaleVisual(level_channels, d)
         self.region_fc = nn.Linear(int(feature_dims["region_channels"]), d)  # Eq. 2
         self.word_embedding = nn.Embedding(vocab_size, config.word_dim, padding_idx=0)
         self.gru = nn.GRU(config.word_dim, d, batch_first=True, bidirectional=True)  # Eq. 3–4
@@ -221,10 +228,10 @@ class DOVE(RetrievalModel):
         return self.iga is not None
 
     def encode_image(self, features: dict[str, torch.Tensor]) -> Encoding:
-        levels = [features[f"level{i}"].float() for i in range(1, 5)]
+        levels = [self.standardize(f"level{i}", features[f"level{i}"]) for i in range(1, 5)]
         mask = features["region_mask"].bool()
         f_m = self.msv(levels)  # Eq. 1, (n, N_m, d)
-        f_r = self.region_fc(features["regions"].float())  # Eq. 2, (n, N_r, d)
+        f_r = self.region_fc(self.standardize("regions", features["regions"]))  # Eq. 2, (n, N_r, d)
         if self.ifa is not None:
             f_mr = self.ifa(f_m, f_r, mask)
         else:

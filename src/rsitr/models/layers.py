@@ -85,3 +85,36 @@ class GatedSelfAttention(nn.Module):
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(n, m) cosine similarity of the rows of ``a`` (n, d) and ``b`` (m, d)."""
     return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+
+class FeatureStandardizer(nn.Module):
+    """Per-channel standardisation of frozen-backbone features with training-split statistics.
+
+    Pooled features of a frozen CNN are nearly collinear across remote-sensing images (the mean
+    cosine between two UCM images is 0.998 for a random-init ResNet-50 and similar for
+    ImageNet weights), so the image-dependent part is a small offset on a large common vector and
+    the first projection learns slowly. Subtracting the training mean and dividing by the
+    training standard deviation of each channel removes that common vector. The statistics are
+    buffers: fitted once before training, saved in the checkpoint, fixed at evaluation, so one
+    image's features never depend on other images of its batch.
+    """
+
+    def __init__(self, channels: dict[str, int]) -> None:
+        super().__init__()
+        self.keys = list(channels)
+        for key, c in channels.items():
+            self.register_buffer(f"{key}_mean", torch.zeros(c))
+            self.register_buffer(f"{key}_std", torch.ones(c))
+
+    @torch.no_grad()
+    def fit(self, features: dict[str, torch.Tensor], mask_key: str = "region_mask") -> None:
+        """Estimate mean and std of every channel; 3-D features (n, regions, C) use valid regions only."""
+        for key in self.keys:
+            x = features[key].float()
+            if x.dim() == 3:
+                x = x[features[mask_key].bool()] if mask_key in features else x.reshape(-1, x.shape[-1])
+            getattr(self, f"{key}_mean").copy_(x.mean(dim=0))
+            getattr(self, f"{key}_std").copy_(x.std(dim=0).clamp(min=1e-6))
+
+    def forward(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - getattr(self, f"{key}_mean")) / getattr(self, f"{key}_std")
