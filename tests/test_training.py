@@ -129,3 +129,19 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "nowhere" in err
     assert main(["--quiet", "evaluate", str(tmp_path)]) == 2
+
+
+def test_missing_or_corrupt_image_is_named_and_nothing_is_cached(tmp_path, capsys):
+    from rsitr.data.synth import generate_synthetic
+
+    generate_synthetic(tmp_path / "s", num_images=12, image_size=32, seed=0, progress=False)
+    victim = tmp_path / "s" / "images" / "synth_00004.png"
+    args = ["--quiet", "train", "--dataset", str(tmp_path / "s" / "dataset_synth.json"), "--out", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache"), "--set", "features.image_size=32", "--model", "dove-s"]
+    victim.unlink()
+    assert main(args) == 2
+    assert "synth_00004.png: image file not found" in capsys.readouterr().err
+    victim.write_bytes(b"garbage")
+    assert main(args) == 2
+    assert "synth_00004.png: cannot decode image" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

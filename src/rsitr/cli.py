@@ -84,7 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rsitr.data.synth import generate_synthetic
     from rsitr.training import train
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the run's config must stay valid from any working directory
     started = time.perf_counter()
     data_dir = out / "data"
     if not (data_dir / "dataset_synth.json").is_file():

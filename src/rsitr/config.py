@@ -51,6 +51,7 @@ class FeatureConfig:
     precision: str = "bf16"  # fp32 | bf16 for the frozen backbone
     cache_dir: str = field(default_factory=default_cache_dir)  # where extracted features are cached
     batch_size: int = 32  # images per backbone forward pass
+    backbone_seed: int = 0  # seed of the random backbone init when no weights are given (kept apart from train.seed so seeds share one cache)
 
 
 @dataclass

@@ -80,7 +80,7 @@ def feature_spec(config: RunConfig, backbone: str) -> FeatureSpec:
         image_size=f.image_size,
         detections=f.detections,
         precision=f.precision,
-        seed=config.train.seed,
+        seed=f.backbone_seed,
     )
 
 
