@@ -130,10 +130,16 @@ def cmd_features(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.path, layout=args.layout, image_dir=args.images)
     spec = FeatureSpec(backbone=args.backbone, weights=args.backbone_weights, image_size=args.image_size,
                        detections=args.detections, precision=args.precision)
+    cache_dir = Path(args.cache_dir or default_cache_dir())
+    cached = spec.cache_path(dataset, cache_dir).is_file()
     started = time.perf_counter()
-    features = extract_features(dataset, spec, Path(args.cache_dir or default_cache_dir()), batch_size=args.batch_size)
+    features = extract_features(dataset, spec, cache_dir, batch_size=args.batch_size, progress=not args.quiet)
     seconds = time.perf_counter() - started
-    print(f"{features.num_images} images ready in {seconds:.1f} s ({features.num_images / max(seconds, 1e-9):.1f} images/s incl. cache hits)")
+    if cached:
+        print(f"{features.num_images} images: features loaded from the cache in {cache_dir} ({seconds:.1f} s)")
+    else:
+        print(f"{features.num_images} images: features extracted in {seconds:.1f} s "
+              f"({features.num_images / max(seconds, 1e-9):.1f} images/s), cached in {cache_dir}")
     return 0
 
 

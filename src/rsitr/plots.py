@@ -16,9 +16,10 @@ def plot_training_curves(history: list[dict], path: str | Path) -> None:
 
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key in ("loss", "final", "global"):
+    labels = {"loss": "total", "final": "final pair (V_MR, T_RG)", "global": "global constraint (V_M, T_G)"}
+    for key, label in labels.items():
         if key in history[0]:
-            ax_loss.plot(epochs, [row[key] for row in history], marker="o", ms=3, label=key)
+            ax_loss.plot(epochs, [row[key] for row in history], marker="o", ms=3, label=label)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("training loss")
     ax_loss.legend()

@@ -1,0 +1,32 @@
+"""The smaller sub-commands, end to end through ``main(argv)``."""
+
+import json
+
+from rsitr.cli import main
+
+
+def test_synth_info_features_models(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert main(["--quiet", "data", "synth", "--out", str(out), "--num-images", "12", "--image-size", "32"]) == 0
+    assert json.loads((out / "dataset_synth.json").read_text())["images"]
+    assert main(["data", "info", str(out)]) == 0
+    assert "12 images, 60 captions" in capsys.readouterr().out
+
+    args = ["--quiet", "features", str(out), "--backbone", "resnet18", "--image-size", "32", "--precision", "fp32",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    assert "extracted" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "loaded from the cache" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    assert "dove " in listing and "dove-s" in listing and "resnet18" in listing
+
+
+def test_unknown_model_is_one_line(tiny_synth, tmp_path, capsys):
+    assert main(["--quiet", "train", "--dataset", str(tiny_synth), "--model", "nope", "--out", str(tmp_path / "r"),
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'nope'" in err and "dove-s" in err
