@@ -39,6 +39,14 @@ def batch(dims: dict, n: int, length: int, vocab: int):
     return features, tokens, lengths, torch.arange(n)
 
 
+def train_step(model, optimizer, inputs) -> None:
+    """Forward, backward and one Adam update."""
+    loss = model.training_loss(*inputs)["loss"]
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=100)
@@ -56,20 +64,13 @@ def main() -> None:
         model = create_model(name, dims, args.vocab_size)
         optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
         inputs = batch(dims, args.batch_size, args.length, args.vocab_size)
-
-        def step() -> None:
-            loss = model.training_loss(*inputs)["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-        step()
+        train_step(model, optimizer, inputs)
         with FlopCounterMode(display=False) as counter:
-            step()
+            train_step(model, optimizer, inputs)
         gflop = counter.get_total_flops() / 1e9
         started = time.perf_counter()
         for _ in range(args.steps):
-            step()
+            train_step(model, optimizer, inputs)
         seconds = (time.perf_counter() - started) / args.steps
         print(f"| {name} | {args.batch_size} | {gflop:.1f} | {seconds:.3f} | {args.batch_size / seconds:.0f} | {gflop / seconds:.0f} | {gflop / seconds / rate:.2f} |")
 

@@ -145,3 +145,15 @@ def test_missing_or_corrupt_image_is_named_and_nothing_is_cached(tmp_path, capsy
     assert main(args) == 2
     assert "synth_00004.png: cannot decode image" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_glove_initialises_the_word_embedding(tiny_synth, tmp_path):
+    from rsitr.training import build_model, prepare
+
+    glove = tmp_path / "glove.txt"
+    glove.write_text("image " + " ".join(["0.5"] * 16) + "\nzzzunseen " + " ".join(["9"] * 16) + "\n")
+    config = tiny_config(tiny_synth, tmp_path / "cache", epochs=1, **{"text.glove": str(glove)})
+    prepared = prepare(config, progress=False)
+    model = build_model(prepared)
+    row = model.word_embedding.weight[prepared.vocab.word2idx["image"]]
+    assert torch.allclose(row, torch.full((16,), 0.5))

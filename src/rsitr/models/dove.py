@@ -45,7 +45,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rsitr.losses import same_image_mask, triplet_ranking_loss
