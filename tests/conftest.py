@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny synthetic dataset in the real Karpathy layout, generated once per session."""
+"""Shared fixtures: a tiny synthetic dataset in the real Karpathy layout, generated once per test run."""
 
 from __future__ import annotations
 
