@@ -27,7 +27,7 @@ def tiny_config(dataset, cache, epochs=2, **extra):
 def test_train_writes_a_complete_run(tiny_synth, tmp_path):
     run = tmp_path / "run"
     summary = train(tiny_config(tiny_synth, tmp_path / "cache"), run, progress=False, log=lambda *_: None)
-    for name in ("config.yaml", "vocab.json", CHECKPOINT, "resume.pt", "metrics.csv", "training_curves.png"):
+    for name in ("config.yaml", "vocab.json", CHECKPOINT, "model.json", "resume.pt", "metrics.csv", "training_curves.png"):
         assert (run / name).is_file(), name
     rows = (run / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and "val_mR" in rows[0]

@@ -91,6 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         generate_synthetic(data_dir, num_images=args.num_images, image_size=128, seed=0)
     config_file = resources.files("rsitr") / "run_configs" / "demo.yaml"
     overrides = [f"data.path={json.dumps(str(data_dir / 'dataset_synth.json'))}",
+                 f"features.detections={json.dumps(str(data_dir / 'detections.json'))}",
                  f"features.cache_dir={json.dumps(str(out / 'cache'))}"]
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")

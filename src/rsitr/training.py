@@ -5,6 +5,7 @@ A run directory holds everything needed to evaluate or resume a run::
     config.yaml          the resolved run configuration
     vocab.json           the vocabulary (AMFMN layout)
     model.safetensors    weights of the epoch with the best validation mR (never chosen on test)
+    model.json           its model spec, feature spec, vocabulary digest, epoch and val metrics
     resume.pt            last epoch's model, optimiser, scheduler and RNG state (for resuming)
     metrics.csv          loss terms and validation metrics per epoch
     training_curves.png  the same, plotted
@@ -35,7 +36,7 @@ from rsitr.data import RetrievalDataset, load_dataset
 from rsitr.errors import CheckpointError, ConfigError
 from rsitr.evaluation import compute_similarity, recall_metrics
 from rsitr.features import FeatureSpec, ImageFeatures, extract_features, feature_dims
-from rsitr.io import atomic_path, save_tensors, write_text
+from rsitr.io import atomic_path, save_tensors, write_json, write_text
 from rsitr.models import RetrievalModel, create_model, get_model_spec
 from rsitr.models.registry import ModelSpec
 from rsitr.text import Vocabulary, encode_batch, load_glove
@@ -163,6 +164,15 @@ def save_checkpoint(path: Path, model: RetrievalModel, prepared: Prepared, epoch
         "val_metrics": json.dumps(metrics),
     }
     save_tensors(path, model.state_dict(), metadata=metadata)
+    write_json(path.with_suffix(".json"), {
+        "model": prepared.spec.to_dict(),
+        "features": prepared.features.spec.to_dict(),
+        "feature_dims": feature_dims(prepared.features.spec),
+        "vocab_size": len(prepared.vocab),
+        "vocab_sha": vocab_digest(prepared.vocab),
+        "epoch": epoch,
+        "val_metrics": metrics,
+    })
 
 
 def read_checkpoint_metadata(path: Path) -> dict[str, str]:
