@@ -142,9 +142,11 @@ def build_model(prepared: Prepared) -> RetrievalModel:
     return model
 
 
-def evaluate_split(model: RetrievalModel, prepared: Prepared, split: str, batch_size: int, progress: bool = True) -> tuple[dict[str, float], torch.Tensor, SplitData]:
-    """Metrics, similarity matrix and caption data of one split."""
-    data = split_data(prepared.dataset, split, prepared.vocab, prepared.config.text.max_length)
+def evaluate_split(model: RetrievalModel, prepared: Prepared, split: str, batch_size: int, progress: bool = True,
+                   data: SplitData | None = None) -> tuple[dict[str, float], torch.Tensor, SplitData]:
+    """Metrics, similarity matrix and caption data of one split (``data``: the split already tokenised)."""
+    if data is None:
+        data = split_data(prepared.dataset, split, prepared.vocab, prepared.config.text.max_length)
     image_features = prepared.features.select(data.image_ids)
     sims = compute_similarity(model, image_features, data.tokens, data.lengths, batch_size=batch_size, progress=progress)
     return recall_metrics(sims, data.caption_local_image), sims, data
@@ -300,13 +302,14 @@ def train(config: RunConfig, run_dir: str | Path, progress: bool = True, log=pri
         log(f"resuming {run_dir} at epoch {start_epoch + 1}/{config.train.epochs}")
 
     train_data = split_data(prepared.dataset, config.data.train_split, prepared.vocab, config.text.max_length)
+    val_data = split_data(prepared.dataset, config.data.val_split, prepared.vocab, config.text.max_length)
     n_params = model.num_parameters()
     log(f"model {prepared.spec.name}: {n_params / 1e6:.2f} M trainable parameters (backbone frozen, features cached)")
     for epoch in range(start_epoch, config.train.epochs):
         started = time.perf_counter()
         terms = _train_epoch(model, optimizer, prepared, train_data, epoch, progress)
         train_seconds = time.perf_counter() - started
-        metrics, _, _ = evaluate_split(model, prepared, config.data.val_split, config.train.eval_batch_size, progress=False)
+        metrics, _, _ = evaluate_split(model, prepared, config.data.val_split, config.train.eval_batch_size, progress=False, data=val_data)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **terms, "train_seconds": round(train_seconds, 3),
                **{f"val_{k}": round(v, 4) for k, v in metrics.items()}}
         scheduler.step()
