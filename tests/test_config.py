@@ -17,7 +17,9 @@ def test_yaml_and_overrides(tmp_path):
     assert c.data.path == "somewhere" and c.train.epochs == 5
     assert c.model.name == "dove-s" and c.model.params == {"dtga": "none"}
     assert c.features.backbone_weights == "w.pth"
-    assert load_config(None, []).to_yaml() == load_config(None).to_yaml()
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(c.to_yaml())
+    assert load_config(saved) == c  # a run directory's config.yaml reads back to the same config
 
 
 def test_unknown_keys_are_errors(tmp_path):

@@ -96,15 +96,13 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-
-
-def _section_class(name: str) -> type:
-    return {"data": DataConfig, "features": FeatureConfig, "model": ModelConfig, "text": TextConfig, "train": TrainConfig}[name]
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig, "features": FeatureConfig, "model": ModelConfig, "text": TextConfig, "train": TrainConfig,
+}
 
 
 def _build_section(name: str, values: dict[str, Any], source: str) -> Any:
-    cls = _section_class(name)
+    cls = _SECTIONS[name]
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - valid)
     if unknown:

@@ -123,8 +123,12 @@ def prepare(config: RunConfig, vocab: Vocabulary | None = None, progress: bool =
     return Prepared(config=config, dataset=dataset, vocab=vocab, features=features, spec=spec)
 
 
-def build_model(prepared: Prepared) -> RetrievalModel:
-    """Create the run's model; word vectors come from GloVe when configured."""
+def build_model(prepared: Prepared, fit_statistics: bool = True) -> RetrievalModel:
+    """Create the run's model; word vectors come from GloVe when configured.
+
+    ``fit_statistics`` fits the feature standardiser on the training split; callers that load
+    weights right after (evaluation, resuming) skip it, since the checkpoint holds the statistics.
+    """
     torch.manual_seed(prepared.config.train.seed)
     dims = feature_dims(prepared.features.spec)
     model = create_model(prepared.spec, feature_dims=dims, vocab_size=len(prepared.vocab))
@@ -136,7 +140,7 @@ def build_model(prepared: Prepared) -> RetrievalModel:
         embedding.weight.data.copy_(weights)
         print(f"GloVe: {found}/{len(prepared.vocab) - 1} words found")
     standardizer = getattr(model, "standardize", None)
-    if standardizer is not None:
+    if fit_statistics and standardizer is not None:
         train_ids = torch.tensor(prepared.dataset.split_indices(prepared.config.data.train_split))
         standardizer.fit(prepared.features.select(train_ids))
     return model
@@ -206,7 +210,7 @@ def load_model_weights(path: Path, model: RetrievalModel, spec: ModelSpec, vocab
     return meta
 
 
-def load_run(run_dir: str | Path, progress: bool = True, config_overrides: dict[str, Any] | None = None) -> tuple[RetrievalModel, Prepared]:
+def load_run(run_dir: str | Path, progress: bool = True) -> tuple[RetrievalModel, Prepared]:
     """Rebuild the model of a run directory with its best weights, ready to evaluate."""
     import yaml
 
@@ -214,13 +218,10 @@ def load_run(run_dir: str | Path, progress: bool = True, config_overrides: dict[
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise CheckpointError(run_dir, "not a run directory (no config.yaml)")
-    data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    for section, values in (config_overrides or {}).items():
-        data.setdefault(section, {}).update(values)
-    config = config_from_dict(data, str(config_path))
+    config = config_from_dict(yaml.safe_load(config_path.read_text(encoding="utf-8")), str(config_path))
     vocab = Vocabulary.load(run_dir / "vocab.json")
     prepared = prepare(config, vocab=vocab, progress=progress)
-    model = build_model(prepared)
+    model = build_model(prepared, fit_statistics=False)
     load_model_weights(run_dir / CHECKPOINT, model, prepared.spec, vocab)
     return model.eval(), prepared
 
@@ -288,7 +289,7 @@ def train(config: RunConfig, run_dir: str | Path, progress: bool = True, log=pri
     write_text(run_dir / "config.yaml", config.to_yaml())
     prepared.vocab.save(run_dir / "vocab.json")
 
-    model = build_model(prepared)
+    model = build_model(prepared, fit_statistics=not resume_path.exists())
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)
     scheduler = _lr_scheduler(optimizer, config)
     start_epoch, best, history = 0, -math.inf, []
