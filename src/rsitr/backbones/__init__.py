@@ -9,38 +9,36 @@ is reproducible and does not disturb the global RNG. With weights, the file is l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import importlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from rsitr.backbones.resnet import LEVEL_NAMES, LEVEL_STRIDES, Backbone, ResNet, resnet18, resnet50
+from rsitr.backbones.base import Backbone, BackboneInfo
+from rsitr.backbones.resnet import LEVEL_NAMES, LEVEL_STRIDES, ResNet, resnet18, resnet50
 from rsitr.errors import CheckpointError, ConfigError
 
-
-@dataclass(frozen=True)
-class BackboneInfo:
-    """Static facts about a backbone, known without building it."""
-
-    factory: Callable[[], Backbone]
-    level_channels: tuple[int, ...]
-    level_strides: tuple[int, ...] = LEVEL_STRIDES
-    level_names: tuple[str, ...] = LEVEL_NAMES
+#: Modules of this package that define backbones; each exposes ``BACKBONES: dict[str, BackboneInfo]``.
+#: A new backbone family is one module plus its name here.
+_BACKBONE_MODULES = ("resnet",)
 
 
-_REGISTRY: dict[str, BackboneInfo] = {
-    "resnet18": BackboneInfo(resnet18, (64, 128, 256, 512)),
-    "resnet50": BackboneInfo(resnet50, (256, 512, 1024, 2048)),
-}
+def _build_registry() -> dict[str, BackboneInfo]:
+    registry: dict[str, BackboneInfo] = {}
+    for module_name in _BACKBONE_MODULES:
+        module = importlib.import_module(f"rsitr.backbones.{module_name}")
+        registry.update(module.BACKBONES)
+    return registry
+
+
+_REGISTRY: dict[str, BackboneInfo] = _build_registry()
 
 #: Top-level keys under which training scripts commonly nest the actual state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 #: Key prefixes added by DataParallel/DDP (``module.``) and by detector/retrieval wrappers.
 _PREFIXES = ("module.", "backbone.", "model.")
-#: Classifier keys; ignored because pretrained heads have other class counts (AID: 30).
-_HEAD_PREFIX = "fc."
 
 
 def list_backbones() -> list[str]:
@@ -125,7 +123,8 @@ def load_backbone_weights(model: Backbone, path: str | Path) -> None:
 
     Accepted: ``.safetensors`` files, and ``.pth``/``.pt`` (any other suffix too) read with
     ``torch.load(weights_only=True)``; state dicts nested under ``"state_dict"``/``"model"`` keys;
-    keys prefixed by ``module.``/``backbone.``. ``fc.*`` is ignored (the head is not used for
+    keys prefixed by ``module.``/``backbone.``. The classifier (``model.head_prefixes``, ``fc.*`` for
+    a ResNet) is ignored (the head is not used for
     features and pretrained heads have other class counts). ``num_batches_tracked`` buffers may
     be absent (checkpoints from old PyTorch lack them; they do not affect eval outputs).
 
@@ -135,8 +134,9 @@ def load_backbone_weights(model: Backbone, path: str | Path) -> None:
     """
     path = Path(path)
     state = _unwrap(_read_state_dict(path), path)
-    state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIX)}
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(_HEAD_PREFIX)}
+    heads = tuple(model.head_prefixes)
+    state = {k: v for k, v in state.items() if not k.startswith(heads)}
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(heads)}
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()

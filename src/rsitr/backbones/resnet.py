@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from rsitr.backbones.base import Backbone, BackboneInfo
+
 #: Names of the four stages whose outputs form the multiscale features (DOVE Eq. 1).
 LEVEL_NAMES = ("layer1", "layer2", "layer3", "layer4")
 #: Downsampling factor of each stage's output relative to the input image.
@@ -71,37 +73,6 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
-
-
-class Backbone(nn.Module):
-    """The interface every image backbone offers to feature extraction and models.
-
-    Attributes:
-        name: registry name, e.g. ``"resnet50"``.
-        level_channels: channels of each level returned by :meth:`forward_levels`.
-        level_strides: downsampling factor of each level relative to the input.
-        num_features: channels of :meth:`forward_features` (the pre-logits width).
-    """
-
-    name: str = ""
-    level_channels: tuple[int, ...] = ()
-    level_strides: tuple[int, ...] = ()
-    num_features: int = 0
-
-    def forward_levels(self, x: Tensor) -> list[Tensor]:
-        """Feature maps of every level, finest first."""
-        raise NotImplementedError
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The last (coarsest) feature map, before pooling."""
-        return self.forward_levels(x)[-1]
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Pool a :meth:`forward_features` map; classify unless ``pre_logits``."""
-        raise NotImplementedError
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 class ResNet(Backbone):
@@ -180,3 +151,10 @@ def resnet18(num_classes: int = 1000) -> ResNet:
 def resnet50(num_classes: int = 1000) -> ResNet:
     """ResNet-50 (v1.5): Bottleneck x [3, 4, 6, 3], levels of 256/512/1024/2048 channels."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, name="resnet50")
+
+
+#: The ResNets this module registers (see :mod:`rsitr.backbones`).
+BACKBONES = {
+    "resnet18": BackboneInfo(resnet18, (64, 128, 256, 512), LEVEL_STRIDES, LEVEL_NAMES),
+    "resnet50": BackboneInfo(resnet50, (256, 512, 1024, 2048), LEVEL_STRIDES, LEVEL_NAMES),
+}

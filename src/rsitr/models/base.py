@@ -14,12 +14,33 @@ and score the full matrix in blocks of any size with the same result.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 Encoding = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainingCorpus:
+    """What :meth:`RetrievalModel.prepare_training` may read before training starts.
+
+    Attributes:
+        captions: raw text of every caption of the dataset (index = dataset caption id).
+        caption_image: dataset image id of every caption.
+        train_caption_ids: caption ids of the training split (the only ones a model may fit on).
+        keywords: per-caption keyword lists when the dataset has them, else None.
+        vocab: the run's :class:`rsitr.text.Vocabulary`.
+    """
+
+    captions: list[str]
+    caption_image: np.ndarray
+    train_caption_ids: np.ndarray
+    keywords: list[list[str]] | None
+    vocab: Any
 
 
 def take_rows(encoding: Encoding, index: slice | torch.Tensor) -> Encoding:
@@ -38,6 +59,10 @@ class RetrievalModel(nn.Module):
     architecture: ClassVar[str] = ""
     #: keys of the cached image features the model reads (see ``rsitr.features``).
     image_inputs: ClassVar[tuple[str, ...]] = ()
+    #: extra per-caption text inputs besides the sentence tokens; ``"keywords"`` makes the
+    #: pipeline pass ``keyword_tokens`` (n, K) and ``keyword_lengths`` (n,) to ``encode_text``
+    #: and ``training_loss`` (see ``rsitr.text.keyword_inputs``).
+    text_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -51,7 +76,8 @@ class RetrievalModel(nn.Module):
     def encode_image(self, features: dict[str, torch.Tensor]) -> Encoding:
         raise NotImplementedError
 
-    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> Encoding:
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor) -> Encoding:
+        """Encode captions; ``extras`` holds the inputs named by ``text_inputs`` (row-aligned with tokens)."""
         raise NotImplementedError
 
     def similarity(self, images: Encoding, texts: Encoding) -> torch.Tensor:
@@ -64,9 +90,22 @@ class RetrievalModel(nn.Module):
         tokens: torch.Tensor,
         lengths: torch.Tensor,
         image_ids: torch.Tensor,
+        caption_ids: torch.Tensor | None = None,
+        **extras: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """Named loss terms of a batch of B (image, caption) pairs; ``"loss"`` is the total."""
+        """Named loss terms of a batch of B (image, caption) pairs; ``"loss"`` is the total.
+
+        ``image_ids`` and ``caption_ids`` are dataset ids (captions of one image are positives of
+        each other, never negatives); ``extras`` are the ``text_inputs`` of the batch's captions.
+        """
         raise NotImplementedError
+
+    def prepare_training(self, corpus: TrainingCorpus) -> None:
+        """Fit anything derived from the training text before the first step (default: nothing).
+
+        Called by the trainer on every start, resumed runs included; what it computes must not
+        be needed at evaluation unless it is stored in a buffer.
+        """
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

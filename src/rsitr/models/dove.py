@@ -249,7 +249,7 @@ class DOVE(RetrievalModel):
             "region_mean": masked_mean(f_r, mask),  # E_R, Eq. 23
         }
 
-    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> Encoding:
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor) -> Encoding:
         d = self.config.embed_dim
         embedded = self.word_embedding(tokens)
         packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
@@ -264,7 +264,7 @@ class DOVE(RetrievalModel):
             return cosine_matrix(images["visual"], texts["global"])
         return self.iga.pair_scores(images["region_mean"], texts["global"], images["visual"])
 
-    def training_loss(self, features, tokens, lengths, image_ids) -> dict[str, torch.Tensor]:
+    def training_loss(self, features, tokens, lengths, image_ids, caption_ids=None, **extras) -> dict[str, torch.Tensor]:
         images = self.encode_image(features)
         texts = self.encode_text(tokens, lengths)
         same = same_image_mask(image_ids)

@@ -15,6 +15,7 @@ available ones, and an unknown parameter an error listing the valid fields.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -117,5 +118,13 @@ def create_model(spec: ModelSpec | str, feature_dims: dict[str, Any], vocab_size
 
 
 def _import_models() -> None:
-    """Import the modules that register architectures (kept lazy to avoid import cycles)."""
-    from rsitr.models import dove  # noqa: F401
+    """Import every module of ``rsitr.models`` so that each registers its architecture.
+
+    Kept lazy to avoid import cycles; a new model file needs no edit here.
+    """
+    import pkgutil
+
+    import rsitr.models as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"rsitr.models.{info.name}")
