@@ -176,7 +176,7 @@ def test_select_subset_and_dims(dataset) -> None:
     assert sub.num_images == 2 and sub.image_files == ["img3.png", "img1.png"]
     assert torch.equal(sub.region_mask, feats.region_mask[[3, 1]])
     assert feature_dims(SPEC) == {"level_channels": (64, 128, 256, 512), "region_channels": 256,
-                                  "num_levels": 4, "num_regions": 36}
+                                  "num_levels": 4, "num_regions": 36, "maps": {}}
     assert feature_dims(FeatureSpec())["region_channels"] == 1024
 
 
@@ -189,3 +189,34 @@ def test_spec_validation() -> None:
         FeatureSpec(backbone="resnet18", region_level="layer5")
     spec = FeatureSpec(backbone="resnet18", weights="w.pth")
     assert FeatureSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_spatial_maps_and_no_regions(dataset, tmp_path) -> None:
+    """Maps are the level outputs pooled to size × size: their spatial mean is the pooled level."""
+    spec = replace(SPEC, maps=("layer4:2", "layer2:4"), num_regions=0)
+    feats = extract_features(dataset, spec, tmp_path, batch_size=3, progress=False)
+    n = dataset.num_images
+    assert feats.maps["map_layer4"].shape == (n, 512, 2, 2) and feats.maps["map_layer4"].dtype == torch.float16
+    assert feats.maps["map_layer2"].shape == (n, 128, 4, 4)
+    # at 64 px layer2 is 8x8: pooling to 4x4 averages 2x2 blocks, so the overall mean is unchanged
+    for level, pooled in (("layer2", "level2"), ("layer4", "level4")):
+        torch.testing.assert_close(feats.maps[f"map_{level}"].float().mean(dim=(2, 3)), getattr(feats, pooled),
+                                   rtol=3e-3, atol=3e-3)
+    assert feats.regions.shape == (n, 0, 256)
+    batch = feats.select([1])
+    assert batch["map_layer2"].dtype == torch.float32 and batch["map_layer2"].shape == (1, 128, 4, 4)
+    assert feature_dims(spec)["maps"] == {"layer4": (512, 2), "layer2": (128, 4)}
+    assert spec.cache_key(dataset) != SPEC.cache_key(dataset)
+    again = load_features(spec.cache_path(dataset, tmp_path))
+    assert torch.equal(again.maps["map_layer2"], feats.maps["map_layer2"]) and again.spec.maps == spec.maps
+    sub = feats.subset([2, 0])
+    assert torch.equal(sub.maps["map_layer4"], feats.maps["map_layer4"][[2, 0]])
+
+
+@pytest.mark.parametrize("maps, message", [
+    (("layer4",), "level:size"), (("layer9:2",), "no level 'layer9'"), (("layer4:0",), "size >= 1"),
+    (("layer4:2", "layer4:4"), "twice"),
+])
+def test_bad_map_entries(maps, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        FeatureSpec(backbone="resnet18", maps=maps)

@@ -58,6 +58,7 @@ class FeatureConfig:
 class ModelConfig:
     name: str = "dove"  # registered model name or path to a model YAML
     params: dict[str, Any] = field(default_factory=dict)  # overrides of the model's parameters
+    features: dict[str, Any] = field(default_factory=dict)  # overrides of the model's feature needs (image_size, maps, num_regions, region_level)
 
 
 @dataclass

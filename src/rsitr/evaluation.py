@@ -165,11 +165,13 @@ def compute_similarity(
     lengths: torch.Tensor,
     batch_size: int = 256,
     progress: bool = True,
+    text_extras: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Score every image against every caption: (n_images, n_captions).
 
     Each side is encoded once in chunks of ``batch_size`` (encodings depend on one item only), then
     the pairs are scored block by block. Nothing here looks at which caption belongs to which image.
+    ``text_extras`` are the model's extra text inputs (e.g. keyword tokens), row-aligned with ``tokens``.
     """
     from tqdm.auto import tqdm
 
@@ -184,7 +186,8 @@ def compute_similarity(
     texts = []
     for c in range(0, n_captions, batch_size):
         chunk_lengths = lengths[c : c + batch_size]
-        texts.append(model.encode_text(tokens[c : c + batch_size, : int(chunk_lengths.max())], chunk_lengths))
+        extras = {name: value[c : c + batch_size] for name, value in (text_extras or {}).items()}
+        texts.append(model.encode_text(tokens[c : c + batch_size, : int(chunk_lengths.max())], chunk_lengths, **extras))
     text_encoding = concat_encodings(texts)
     with tqdm(total=n_images * n_captions, desc="scoring pairs", unit="pair", unit_scale=True, disable=not progress, leave=False) as bar:
         return blockwise_similarity(

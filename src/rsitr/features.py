@@ -11,6 +11,11 @@ cached. Per image this module stores:
   :meth:`ImageFeatures.select` returns float32.
 * ``region_mask``: bool (n, N_r), False for padding boxes (an image with fewer detections).
 * ``region_boxes``: float32 (n, N_r, 4), the boxes in resized-image pixels.
+* ``map_<level>`` (only for the levels a model asks for in ``FeatureSpec.maps``): the spatial
+  output of that backbone level, adaptive-average-pooled to ``size × size``, float16
+  (n, C, size, size). AMFMN's multiscale maps, DSAN's 8 × 8 Inception grid and ACF's 7 × 7 ViG
+  node graph are all such maps. ``num_regions=0`` skips the region features when a model has no
+  use for them (their tensors then have zero width).
 
 The cache file ``{dataset}-{backbone}-{key[:16]}.safetensors`` is keyed by a digest of everything
 that changes the features (:meth:`FeatureSpec.cache_key`), and its metadata repeats the key and
@@ -27,13 +32,14 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from torch import Tensor
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from rsitr.backbones import Backbone, backbone_info, create_backbone
@@ -46,10 +52,11 @@ from rsitr.roi import roi_align
 
 logger = logging.getLogger(__name__)
 
-FEATURES_FORMAT = "rsitr-features-v1"
+FEATURES_FORMAT = "rsitr-features-v2"
 PRECISIONS = ("fp32", "bf16")
 LEVEL_KEYS = ("level1", "level2", "level3", "level4")
 TENSOR_KEYS = (*LEVEL_KEYS, "regions", "region_mask", "region_boxes")
+MAP_PREFIX = "map_"
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
@@ -68,6 +75,8 @@ class FeatureSpec:
         precision: ``"fp32"``, or ``"bf16"`` (CPU autocast to bfloat16, about 2x faster on CPUs
             with bf16 instructions; both run the backbone in channels_last layout).
         seed: seed of the random init when ``weights`` is None.
+        maps: spatial maps to keep, ``"level:size"`` entries (e.g. ``"layer4:8"``), each stored as
+            ``map_<level>`` pooled to size × size.
     """
 
     backbone: str = "resnet50"
@@ -79,6 +88,7 @@ class FeatureSpec:
     detections: Path | None = None
     precision: str = "fp32"
     seed: int = 0
+    maps: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("weights", "detections"):
@@ -90,7 +100,9 @@ class FeatureSpec:
             raise ConfigError(f"region_level {self.region_level!r} is not one of {', '.join(info.level_names)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        for name, minimum in (("image_size", 32), ("num_regions", 1), ("roi_output_size", 1), ("seed", 0)):
+        object.__setattr__(self, "maps", tuple(str(m) for m in (self.maps or ())))
+        parse_maps(self.maps, self.backbone)  # raises ConfigError on a bad entry
+        for name, minimum in (("image_size", 32), ("num_regions", 0), ("roi_output_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
                 raise ConfigError(f"feature {name} must be an integer >= {minimum}, got {value!r}")
@@ -99,6 +111,7 @@ class FeatureSpec:
     def to_dict(self) -> dict[str, object]:
         """JSON-ready fields (paths as strings)."""
         out = asdict(self)
+        out["maps"] = list(self.maps)
         for name in ("weights", "detections"):
             out[name] = None if out[name] is None else str(out[name])
         return out
@@ -107,7 +120,10 @@ class FeatureSpec:
     def from_dict(cls, data: dict[str, object]) -> FeatureSpec:
         """Inverse of :meth:`to_dict`; unknown keys are ignored."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if "maps" in values:
+            values["maps"] = tuple(values["maps"] or ())
+        return cls(**values)
 
     def cache_key(self, dataset: RetrievalDataset) -> str:
         """SHA-256 hex digest of everything that changes the features of ``dataset``.
@@ -127,6 +143,7 @@ class FeatureSpec:
             "roi_output_size": self.roi_output_size,
             "detections": detections,
             "precision": self.precision,
+            "maps": list(self.maps),
             "image_files": list(dataset.image_files),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
@@ -162,12 +179,32 @@ def file_sha256(path: str | Path) -> str:
         raise CheckpointError(path, f"cannot read file to hash it ({exc.__class__.__name__})") from exc
 
 
+def parse_maps(maps: Sequence[str], backbone: str) -> list[tuple[str, int]]:
+    """``["layer4:8"]`` → ``[("layer4", 8)]``, checking each level exists in ``backbone``.
+
+    Raises:
+        ConfigError: a malformed entry, an unknown level, a size below 1, or a level given twice.
+    """
+    info = backbone_info(backbone)
+    parsed: list[tuple[str, int]] = []
+    for entry in maps:
+        level, sep, size = str(entry).partition(":")
+        if not sep or not size.strip().isdigit() or int(size) < 1:
+            raise ConfigError(f"feature map {entry!r} must look like 'level:size' with size >= 1, e.g. 'layer4:8'")
+        if level not in info.level_names:
+            raise ConfigError(f"feature map {entry!r}: {backbone} has no level {level!r} (levels: {', '.join(info.level_names)})")
+        if level in [name for name, _ in parsed]:
+            raise ConfigError(f"feature map level {level!r} is listed twice")
+        parsed.append((level, int(size)))
+    return parsed
+
+
 def feature_dims(spec: FeatureSpec) -> dict[str, object]:
     """Feature sizes for ``spec`` without building the backbone (models need them to build).
 
     Returns:
         ``{"level_channels": (C_1, .., C_4), "region_channels": C_region, "num_levels": 4,
-        "num_regions": N_r}``.
+        "num_regions": N_r, "maps": {level: (C, size)}}``.
     """
     info = backbone_info(spec.backbone)
     return {
@@ -175,6 +212,8 @@ def feature_dims(spec: FeatureSpec) -> dict[str, object]:
         "region_channels": info.level_channels[info.level_names.index(spec.region_level)],
         "num_levels": len(info.level_channels),
         "num_regions": spec.num_regions,
+        "maps": {level: (info.level_channels[info.level_names.index(level)], size)
+                 for level, size in parse_maps(spec.maps, spec.backbone)},
     }
 
 
@@ -194,6 +233,7 @@ class ImageFeatures:
         regions: float16 (n, N_r, C_region), RoIAlign region features (R_v).
         region_mask: bool (n, N_r), True for real boxes, False for padding.
         region_boxes: float32 (n, N_r, 4), boxes in resized-image pixels.
+        maps: float16 (n, C, s, s) spatial maps by key ``map_<level>`` (empty unless the spec asks).
         image_files: the dataset's image filenames, one per row.
         spec: the spec the features were extracted with.
         cache_key: :meth:`FeatureSpec.cache_key` of the source dataset ("" for a subset).
@@ -209,6 +249,7 @@ class ImageFeatures:
     image_files: list[str]
     spec: FeatureSpec
     cache_key: str = ""
+    maps: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def num_images(self) -> int:
@@ -220,22 +261,27 @@ class ImageFeatures:
         return [self.level1, self.level2, self.level3, self.level4]
 
     def tensors(self) -> dict[str, Tensor]:
-        """The stored tensors by name (``TENSOR_KEYS``)."""
-        return {k: getattr(self, k) for k in TENSOR_KEYS}
+        """The stored tensors by name (``TENSOR_KEYS`` and the ``map_<level>`` keys)."""
+        return {**{k: getattr(self, k) for k in TENSOR_KEYS}, **self.maps}
 
     def select(self, image_ids: Sequence[int] | np.ndarray | Tensor) -> dict[str, Tensor]:
-        """Rows of ``image_ids`` as a batch: levels, regions (cast to float32), mask and boxes."""
+        """Rows of ``image_ids`` as a batch: levels, regions and maps (cast to float32), mask and boxes."""
         idx = _index(image_ids)
         batch = {k: v.index_select(0, idx) for k, v in self.tensors().items()}
-        batch["regions"] = batch["regions"].float()
+        for key in ("regions", *self.maps):
+            batch[key] = batch[key].float()
         return batch
 
     def subset(self, image_ids: Sequence[int] | np.ndarray | Tensor) -> ImageFeatures:
         """The given rows, in the given order (e.g. one split of the dataset)."""
-        idx = _index(image_ids)
-        rows = {k: v.index_select(0, idx) for k, v in self.tensors().items()}
-        files = [self.image_files[i] for i in idx.tolist()]
-        return ImageFeatures(**rows, image_files=files, spec=self.spec, cache_key="")
+        return _from_tensors({k: v.index_select(0, _index(image_ids)) for k, v in self.tensors().items()},
+                             [self.image_files[i] for i in _index(image_ids).tolist()], self.spec, "")
+
+
+def _from_tensors(tensors: dict[str, Tensor], image_files: list[str], spec: FeatureSpec, cache_key: str) -> ImageFeatures:
+    maps = {k: v for k, v in tensors.items() if k.startswith(MAP_PREFIX)}
+    return ImageFeatures(**{k: tensors[k] for k in TENSOR_KEYS}, image_files=image_files, spec=spec,
+                         cache_key=cache_key, maps=maps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,12 +322,15 @@ def load_features(path: str | Path) -> ImageFeatures:
         image_files = list(json.loads(metadata["image_files"]))
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(path, f"features file has invalid metadata ({exc.__class__.__name__})") from exc
-    rows = {k: tensors[k].shape[0] for k in TENSOR_KEYS}
+    rows = {k: t.shape[0] for k, t in tensors.items()}
     if set(rows.values()) != {len(image_files)}:
         raise CheckpointError(path, f"features file rows {rows} do not match {len(image_files)} image names")
+    missing_maps = [f"{MAP_PREFIX}{level}" for level, _ in parse_maps(spec.maps, spec.backbone)
+                    if f"{MAP_PREFIX}{level}" not in tensors]
+    if missing_maps:
+        raise CheckpointError(path, f"features file lacks maps: {', '.join(missing_maps)}")
     tensors["region_mask"] = tensors["region_mask"].bool()
-    return ImageFeatures(**{k: tensors[k] for k in TENSOR_KEYS}, image_files=image_files, spec=spec,
-                         cache_key=metadata.get("cache_key", ""))
+    return _from_tensors(tensors, image_files, spec, metadata.get("cache_key", ""))
 
 
 def _load_cached(path: Path, key: str, dataset: RetrievalDataset) -> ImageFeatures | None:
@@ -353,7 +402,12 @@ def _compute_batch(model: Backbone, batch: _Batch, spec: FeatureSpec) -> dict[st
         levels = model.forward_levels(images)
     levels = [lvl.float() for lvl in levels]
     out = {key: lvl.mean(dim=(2, 3)) for key, lvl in zip(LEVEL_KEYS, levels)}
-    level_index = backbone_info(spec.backbone).level_names.index(spec.region_level)
+    names = backbone_info(spec.backbone).level_names
+    for level, size in parse_maps(spec.maps, spec.backbone):
+        out[f"{MAP_PREFIX}{level}"] = F.adaptive_avg_pool2d(levels[names.index(level)], size)
+    if spec.num_regions == 0:
+        return out
+    level_index = names.index(spec.region_level)
     scale = 1.0 / model.level_strides[level_index]
     pooled = roi_align(levels[level_index], batch.boxes, scale, spec.roi_output_size, sampling_ratio=2)
     # Padding boxes (mask False) get zero features rather than whatever a zero box samples.
@@ -367,6 +421,8 @@ def _allocate(n: int, spec: FeatureSpec) -> dict[str, Tensor]:
     out["regions"] = torch.zeros(n, spec.num_regions, dims["region_channels"], dtype=torch.float16)
     out["region_mask"] = torch.zeros(n, spec.num_regions, dtype=torch.bool)
     out["region_boxes"] = torch.zeros(n, spec.num_regions, 4, dtype=torch.float32)
+    for level, (channels, size) in dims["maps"].items():
+        out[f"{MAP_PREFIX}{level}"] = torch.zeros(n, channels, size, size, dtype=torch.float16)
     return out
 
 
@@ -393,14 +449,16 @@ def compute_features(dataset: RetrievalDataset, spec: FeatureSpec, batch_size: i
             sl = slice(rows.start, rows.stop)
             for key in LEVEL_KEYS:
                 out[key][sl] = result[key]
-            out["regions"][sl] = result["regions"].clamp(-_FP16_MAX, _FP16_MAX).half()
+            for key in out:
+                if key.startswith(MAP_PREFIX) or (key == "regions" and spec.num_regions):
+                    out[key][sl] = result[key].clamp(-_FP16_MAX, _FP16_MAX).half()
             out["region_mask"][sl] = batch.mask
             out["region_boxes"][sl] = batch.boxes
             bar.update(len(rows))
     seconds = time.perf_counter() - start
     logger.info("features: %d images in %.1f s (%.1f images/s, %s %s)", n, seconds,
                 n / seconds if seconds > 0 else float("nan"), spec.backbone, spec.precision)
-    return ImageFeatures(**out, image_files=list(dataset.image_files), spec=spec)
+    return _from_tensors(out, list(dataset.image_files), spec, "")
 
 
 def extract_features(dataset: RetrievalDataset, spec: FeatureSpec, cache_dir: str | Path | None,
@@ -436,6 +494,7 @@ __all__ = [
     "compute_features",
     "extract_features",
     "feature_dims",
+    "parse_maps",
     "file_sha256",
     "load_features",
     "save_features",

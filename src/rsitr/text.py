@@ -106,6 +106,49 @@ def encode_batch(vocab: Vocabulary, texts: Sequence[str], max_length: int | None
     return tokens, lengths
 
 
+#: Function words dropped when keywords are taken from a sentence (AMFMN, Sec. IV-B: "we filter
+#: the keywords in sentence"): articles, auxiliaries, pronouns, conjunctions and prepositions, so
+#: that what remains are the content words (objects, attributes, counts) a keyword list holds.
+STOP_WORDS = frozenset("""
+a an the this that these those there here it its they them their some any each every
+is are was were be been being am has have had do does did can could will would may might shall should
+and or but nor so as than then also very too not no
+of in on at to from by with without for into onto over under above below near nearby beside besides next
+between among around along across behind through inside outside up down off out about against toward towards
+while where which who whom whose what when how
+""".split())
+
+
+def sentence_keywords(text: str) -> list[str]:
+    """The content words of a sentence in order of first appearance (stop words and repeats removed)."""
+    seen: dict[str, None] = {}
+    for word in tokenize(text):
+        if word not in STOP_WORDS:
+            seen.setdefault(word)
+    return list(seen)
+
+
+def keyword_inputs(
+    vocab: Vocabulary,
+    captions: Sequence[str],
+    keywords: Sequence[Sequence[str]] | None = None,
+    max_length: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keyword tokens of each caption, padded: ``(tokens (n, K), lengths (n,))``.
+
+    A caption's keywords are its dataset keywords when the dataset has them (RSITMD gives each
+    image 1–5 phrases such as "green trees"; all their words are used, in order) and otherwise the
+    content words of the caption itself (:func:`sentence_keywords`). An empty list falls back to
+    the sentence's words, so every caption has at least one keyword token.
+    """
+    texts = []
+    for index, caption in enumerate(captions):
+        given = list(keywords[index]) if keywords is not None else []
+        words = [w for phrase in given for w in tokenize(phrase) if w not in STOP_WORDS] if given else []
+        texts.append(" ".join(words or sentence_keywords(caption) or tokenize(caption)))
+    return encode_batch(vocab, texts, max_length)
+
+
 def load_glove(path: str | Path, vocab: Vocabulary, dim: int) -> tuple[torch.Tensor, int]:
     """Embedding matrix (len(vocab), dim) from a GloVe text file; returns it and the number of words found.
 

@@ -38,8 +38,9 @@ from rsitr.evaluation import compute_similarity, recall_metrics
 from rsitr.features import FeatureSpec, ImageFeatures, extract_features, feature_dims
 from rsitr.io import atomic_path, save_tensors, write_json, write_text
 from rsitr.models import RetrievalModel, create_model, get_model_spec
+from rsitr.models.base import TrainingCorpus
 from rsitr.models.registry import ModelSpec
-from rsitr.text import Vocabulary, encode_batch, load_glove
+from rsitr.text import Vocabulary, encode_batch, keyword_inputs, load_glove
 
 CHECKPOINT = "model.safetensors"
 RESUME = "resume.pt"
@@ -55,6 +56,8 @@ class SplitData:
     lengths: torch.Tensor  # (n_captions,)
     caption_image: torch.Tensor  # (n_captions,) full-dataset image id of each caption
     caption_local_image: np.ndarray  # (n_captions,) index into image_ids of each caption
+    caption_ids: torch.Tensor  # (n_captions,) full-dataset caption id of each caption
+    extras: dict[str, torch.Tensor]  # the model's text_inputs, row-aligned with tokens (e.g. keyword_tokens)
 
 
 @dataclass
@@ -72,21 +75,43 @@ def vocab_digest(vocab: Vocabulary) -> str:
     return hashlib.sha256("\n".join(vocab.idx2word).encode("utf-8")).hexdigest()[:16]
 
 
-def feature_spec(config: RunConfig, backbone: str) -> FeatureSpec:
-    """The feature-extraction spec of a run: the model's backbone plus the run's feature section."""
+def feature_spec(config: RunConfig, spec: ModelSpec) -> FeatureSpec:
+    """The feature-extraction spec of a run: the run's feature section, then what the model needs.
+
+    The model's ``features`` (e.g. DSAN's 299 px and 8 × 8 Inception grid) override the run's
+    defaults, since the model cannot run on anything else.
+    """
     f = config.features
-    return FeatureSpec(
-        backbone=backbone,
-        weights=f.backbone_weights,
-        image_size=f.image_size,
-        detections=f.detections,
-        precision=f.precision,
-        seed=f.backbone_seed,
-    )
+    values: dict[str, Any] = {
+        "backbone": spec.backbone,
+        "weights": f.backbone_weights,
+        "image_size": f.image_size,
+        "detections": f.detections,
+        "precision": f.precision,
+        "seed": f.backbone_seed,
+    }
+    values.update(spec.features)
+    if "maps" in values:
+        values["maps"] = tuple(values["maps"] or ())
+    return FeatureSpec(**values)
 
 
-def split_data(dataset: RetrievalDataset, split: str, vocab: Vocabulary, max_length: int) -> SplitData:
-    """Tokenise the captions of ``split``; image ids stay those of the full dataset."""
+def text_extras(dataset: RetrievalDataset, caption_ids: list[int], vocab: Vocabulary,
+                text_inputs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The extra text inputs a model declares (``RetrievalModel.text_inputs``) for these captions."""
+    extras: dict[str, torch.Tensor] = {}
+    for name in text_inputs:
+        if name != "keywords":
+            raise ConfigError(f"unknown text input {name!r} (known: keywords)")
+        keywords = None if dataset.keywords is None else [dataset.keywords[c] for c in caption_ids]
+        tokens, lengths = keyword_inputs(vocab, [dataset.captions[c] for c in caption_ids], keywords)
+        extras["keyword_tokens"], extras["keyword_lengths"] = tokens, lengths
+    return extras
+
+
+def split_data(dataset: RetrievalDataset, split: str, vocab: Vocabulary, max_length: int,
+               text_inputs: tuple[str, ...] = ()) -> SplitData:
+    """Tokenise the captions of ``split``; image and caption ids stay those of the full dataset."""
     image_ids = dataset.split_indices(split)
     local = {img: k for k, img in enumerate(image_ids)}
     caption_ids = [c for c, img in enumerate(dataset.caption_image.tolist()) if img in local]
@@ -98,6 +123,8 @@ def split_data(dataset: RetrievalDataset, split: str, vocab: Vocabulary, max_len
         lengths=lengths,
         caption_image=torch.from_numpy(caption_image),
         caption_local_image=np.array([local[int(i)] for i in caption_image], dtype=np.int64),
+        caption_ids=torch.tensor(caption_ids, dtype=torch.int64),
+        extras=text_extras(dataset, caption_ids, vocab, text_inputs),
     )
 
 
@@ -115,9 +142,9 @@ def prepare(config: RunConfig, vocab: Vocabulary | None = None, progress: bool =
         else:
             train = dataset.split(config.data.train_split)
             vocab = Vocabulary.build(train.captions, min_count=config.text.min_count)
-    spec = get_model_spec(config.model.name).with_overrides(config.model.params)
+    spec = get_model_spec(config.model.name).with_overrides(config.model.params, config.model.features)
     features = extract_features(
-        dataset, feature_spec(config, spec.backbone), Path(config.features.cache_dir),
+        dataset, feature_spec(config, spec), Path(config.features.cache_dir),
         batch_size=config.features.batch_size, progress=progress,
     )
     return Prepared(config=config, dataset=dataset, vocab=vocab, features=features, spec=spec)
@@ -150,9 +177,10 @@ def evaluate_split(model: RetrievalModel, prepared: Prepared, split: str, batch_
                    data: SplitData | None = None) -> tuple[dict[str, float], torch.Tensor, SplitData]:
     """Metrics, similarity matrix and caption data of one split (``data``: the split already tokenised)."""
     if data is None:
-        data = split_data(prepared.dataset, split, prepared.vocab, prepared.config.text.max_length)
+        data = split_data(prepared.dataset, split, prepared.vocab, prepared.config.text.max_length, model.text_inputs)
     image_features = prepared.features.select(data.image_ids)
-    sims = compute_similarity(model, image_features, data.tokens, data.lengths, batch_size=batch_size, progress=progress)
+    sims = compute_similarity(model, image_features, data.tokens, data.lengths, batch_size=batch_size, progress=progress,
+                              text_extras=data.extras)
     return recall_metrics(sims, data.caption_local_image), sims, data
 
 
@@ -302,8 +330,12 @@ def train(config: RunConfig, run_dir: str | Path, progress: bool = True, log=pri
         start_epoch, best, history = int(state["epoch"]) + 1, float(state["best_mR"]), json.loads(state["history_json"])
         log(f"resuming {run_dir} at epoch {start_epoch + 1}/{config.train.epochs}")
 
-    train_data = split_data(prepared.dataset, config.data.train_split, prepared.vocab, config.text.max_length)
-    val_data = split_data(prepared.dataset, config.data.val_split, prepared.vocab, config.text.max_length)
+    train_data = split_data(prepared.dataset, config.data.train_split, prepared.vocab, config.text.max_length, model.text_inputs)
+    val_data = split_data(prepared.dataset, config.data.val_split, prepared.vocab, config.text.max_length, model.text_inputs)
+    model.prepare_training(TrainingCorpus(
+        captions=prepared.dataset.captions, caption_image=prepared.dataset.caption_image,
+        train_caption_ids=train_data.caption_ids.numpy(), keywords=prepared.dataset.keywords, vocab=prepared.vocab,
+    ))
     n_params = model.num_parameters()
     log(f"model {prepared.spec.name}: {n_params / 1e6:.2f} M trainable parameters (backbone frozen, features cached)")
     for epoch in range(start_epoch, config.train.epochs):
@@ -329,6 +361,14 @@ def train(config: RunConfig, run_dir: str | Path, progress: bool = True, log=pri
             "parameters": n_params}
 
 
+def _trim(values: torch.Tensor) -> torch.Tensor:
+    """Drop trailing all-padding columns of a padded token tensor (lengths are left as they are)."""
+    if values.dim() != 2:
+        return values
+    used = (values != 0).any(dim=0).nonzero()
+    return values[:, : int(used.max()) + 1] if len(used) else values[:, :1]
+
+
 def _train_epoch(model: RetrievalModel, optimizer, prepared: Prepared, data: SplitData, epoch: int, progress: bool) -> dict[str, float]:
     config = prepared.config.train
     model.train()
@@ -339,7 +379,8 @@ def _train_epoch(model: RetrievalModel, optimizer, prepared: Prepared, data: Spl
         tokens = data.tokens[batch, : int(lengths.max())]
         image_ids = data.caption_image[batch]
         features = prepared.features.select(image_ids)
-        terms = model.training_loss(features, tokens, lengths, image_ids)
+        extras = {name: _trim(value[batch]) for name, value in data.extras.items()}
+        terms = model.training_loss(features, tokens, lengths, image_ids, caption_ids=data.caption_ids[batch], **extras)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if config.grad_clip > 0:

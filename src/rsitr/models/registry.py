@@ -7,6 +7,9 @@ and one YAML file per named configuration::
     backbone: resnet50        # the frozen image backbone whose features it reads
     params:                   # fields of the architecture's config dataclass
       embed_dim: 512
+    features:                 # optional: what the feature cache must hold for this model
+      image_size: 299         #   (FeatureSpec fields: image_size, maps, num_regions, region_level)
+      maps: ["mixed_7c:8"]
 
 ``create_model("dove", ...)`` reads ``dove.yaml``; an unknown name raises an error listing the
 available ones, and an unknown parameter an error listing the valid fields.
@@ -40,24 +43,36 @@ def register_architecture(name: str, config_class: type):
     return wrap
 
 
+#: Feature-spec fields a model config may set (the rest belong to the run).
+MODEL_FEATURE_FIELDS = ("image_size", "maps", "num_regions", "region_level")
+
+
 @dataclass
 class ModelSpec:
-    """A named model: architecture, backbone and parameter values."""
+    """A named model: architecture, backbone, parameter values and the features it needs."""
 
     name: str
     architecture: str
     backbone: str
     params: dict[str, Any] = field(default_factory=dict)
+    features: dict[str, Any] = field(default_factory=dict)
 
-    def with_overrides(self, overrides: dict[str, Any]) -> ModelSpec:
-        return dataclasses.replace(self, params={**self.params, **overrides})
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.features) - set(MODEL_FEATURE_FIELDS))
+        if unknown:
+            raise ConfigError(f"model {self.name!r}: unknown features field(s) {', '.join(unknown)}; valid: {', '.join(MODEL_FEATURE_FIELDS)}")
+
+    def with_overrides(self, overrides: dict[str, Any], features: dict[str, Any] | None = None) -> ModelSpec:
+        return dataclasses.replace(self, params={**self.params, **overrides}, features={**self.features, **(features or {})})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "architecture": self.architecture, "backbone": self.backbone, "params": dict(self.params)}
+        return {"name": self.name, "architecture": self.architecture, "backbone": self.backbone,
+                "params": dict(self.params), "features": dict(self.features)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(name=data["name"], architecture=data["architecture"], backbone=data["backbone"], params=dict(data.get("params") or {}))
+        return cls(name=data["name"], architecture=data["architecture"], backbone=data["backbone"],
+                   params=dict(data.get("params") or {}), features=dict(data.get("features") or {}))
 
 
 def _config_dir():
@@ -84,7 +99,11 @@ def get_model_spec(name: str | Path) -> ModelSpec:
     for key in ("architecture", "backbone"):
         if key not in data:
             raise ConfigError(f"model config {label!r} lacks the {key!r} field")
-    return ModelSpec(name=label, architecture=data["architecture"], backbone=data["backbone"], params=dict(data.get("params") or {}))
+    unknown = sorted(set(data) - {"architecture", "backbone", "params", "features"})
+    if unknown:
+        raise ConfigError(f"model config {label!r}: unknown field(s) {', '.join(unknown)}; valid: architecture, backbone, params, features")
+    return ModelSpec(name=label, architecture=data["architecture"], backbone=data["backbone"],
+                     params=dict(data.get("params") or {}), features=dict(data.get("features") or {}))
 
 
 def build_config(architecture: str, params: dict[str, Any]):
