@@ -13,7 +13,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from rsitr.errors import RsitrError
+from rsitr.errors import ConfigError, RsitrError
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +153,56 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment_base(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> dict:
+    """The base run config of an experiment as a dict: ``--config`` (or the defaults) plus overrides."""
+    from rsitr.config import load_config
+
+    config = load_config(args.config, _train_overrides(args))
+    if not config.data.path:
+        raise ConfigError("give the dataset with --dataset PATH (or data.path in --config)")
+    data = config.to_dict()
+    for key in exclude:
+        data["model"].pop(key, None)
+    return data
+
+
+def _seeds(value: int) -> list[int]:
+    if value < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {value}")
+    return list(range(value))
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from rsitr.experiments import run_benchmark
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise ConfigError("--models needs at least one model name (see: rsitr models)")
+    started = time.perf_counter()
+    path, text = run_benchmark(_experiment_base(args), models, _seeds(args.seeds), Path(args.out), args.split,
+                               progress=not args.quiet)
+    print(text)
+    print(f"written {path} and {path.with_suffix('.json')} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from rsitr.experiments import list_studies, load_study, run_study
+
+    if args.list or not args.study:
+        for name in list_studies():
+            study = load_study(name)
+            print(f"{name:14s} {study.model:6s} {len(study.rows)} rows  {study.title}")
+        return 0
+    study = load_study(args.study)
+    started = time.perf_counter()
+    path, text = run_study(study, _experiment_base(args), _seeds(args.seeds), Path(args.out), args.split,
+                           progress=not args.quiet)
+    print(text)
+    print(f"written {path} and {path.with_suffix('.json')} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsitr", description="Remote-sensing image-text retrieval")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -202,6 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=256, help="encoding chunk; results do not depend on it")
     ev.add_argument("--json", help="where to write the metrics (default RUN_DIR/eval_SPLIT.json)")
     ev.set_defaults(func=cmd_evaluate)
+
+    bench = sub.add_parser("benchmark", help="train and evaluate several models on one dataset; one table, mean ± std over seeds")
+    _add_train_arguments(bench)
+    bench.add_argument("--models", required=True, help="comma-separated model names or YAML paths, e.g. dove,dove-s,vsepp")
+    bench.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per model (default 3)")
+    bench.add_argument("--split", default="val", help="split reported (checkpoints are always chosen on val)")
+    bench.add_argument("--out", required=True, help="folder for runs and the report (re-running resumes)")
+    bench.set_defaults(func=cmd_benchmark)
+
+    ablate = sub.add_parser("ablate", help="run an ablation study (DOVE Tables II-V, Fig. 6; ACF Tables 1-3)")
+    _add_train_arguments(ablate)
+    ablate.add_argument("study", nargs="?", help="study name (see --list) or a study YAML")
+    ablate.add_argument("--list", action="store_true", help="list the shipped studies")
+    ablate.add_argument("--seeds", type=int, default=1)
+    ablate.add_argument("--split", default="val")
+    ablate.add_argument("--out", default="ablations", help="folder for runs and the report")
+    ablate.set_defaults(func=cmd_ablate)
 
     models = sub.add_parser("models", help="list registered models")
     models.set_defaults(func=cmd_models)

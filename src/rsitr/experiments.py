@@ -1,0 +1,321 @@
+"""Comparison and ablation experiments: many (configuration, seed) runs, one table.
+
+``rsitr benchmark`` trains every requested model on one dataset with the same feature cache,
+trainer and schedule, evaluates each run's best-on-validation checkpoint on the report split, and
+writes a Markdown table laid out like DOVE's Table I (parameters; i2t and t2i R@1/5/10; mR) as
+mean ± std over seeds, with DSAN's MedR, MeanR and R@sum beside it, plus the raw numbers as JSON.
+
+``rsitr ablate`` does the same over the rows of a study file (``rsitr/studies/*.yaml``): each row
+is a label plus model-parameter and training overrides, so DOVE's Tables II–V and Fig. 6 and ACF's
+Tables 1–3 are data, not code.
+
+Every run lives in its own directory (``OUT/<label>/seed<k>``) and is resumed or reused when the
+command is repeated, so an interrupted benchmark continues where it stopped. The report split is
+never used to choose anything: checkpoints are chosen on ``data.val_split``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from rsitr.config import RunConfig, apply_override, config_from_dict
+from rsitr.errors import ConfigError
+from rsitr.io import write_json, write_text
+
+#: Columns of the recall table (DOVE Table I) and of the rank table (DSAN Tables).
+RECALL_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
+RANK_COLUMNS = ("i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr", "rsum")
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class Variant:
+    """One row of an experiment: a label and the config overrides that define it."""
+
+    label: str
+    overrides: list[str] = field(default_factory=list)  # "section.key=value" items
+
+
+@dataclass
+class RunResult:
+    """Metrics of one trained run on the report split."""
+
+    label: str
+    seed: int
+    model: str
+    metrics: dict[str, float]
+    best_epoch: int
+    trainable_parameters: int
+    backbone_parameters: int
+    train_seconds: float
+    run_dir: str
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "run"
+
+
+def variant_config(base: dict[str, Any], variant: Variant, seed: int) -> RunConfig:
+    """The run config of ``variant`` at ``seed`` on top of the ``base`` config dict."""
+    data = copy.deepcopy(base)
+    for item in variant.overrides:
+        apply_override(data, item)
+    apply_override(data, f"train.seed={seed}")
+    return config_from_dict(data, f"variant {variant.label!r}")
+
+
+_BACKBONE_PARAMETERS: dict[str, int] = {}
+
+
+def backbone_parameters(name: str) -> int:
+    """Parameters of the frozen backbone ``name`` without its classifier (counted once per name)."""
+    if name not in _BACKBONE_PARAMETERS:
+        from rsitr.backbones import create_backbone
+
+        model = create_backbone(name)
+        heads = tuple(model.head_prefixes)
+        _BACKBONE_PARAMETERS[name] = sum(p.numel() for k, p in model.named_parameters() if not k.startswith(heads))
+    return _BACKBONE_PARAMETERS[name]
+
+
+def run_variant(config: RunConfig, run_dir: Path, label: str, split: str, progress: bool = True, log=print) -> RunResult:
+    """Train ``config`` in ``run_dir`` (resuming) and evaluate its best checkpoint on ``split``.
+
+    A finished run (``result.json`` written for the same config and split) is reused as it is.
+    """
+    from rsitr.training import evaluate_split, load_run, train
+
+    result_path = run_dir / RESULT_FILE
+    if result_path.is_file():
+        saved = json.loads(result_path.read_text(encoding="utf-8"))
+        if saved.get("config") == config.to_dict() and saved.get("split") == split:
+            log(f"{label} seed {config.train.seed}: reusing finished run {run_dir}")
+            return RunResult(**saved["result"])
+    started = time.perf_counter()
+    summary = train(config, run_dir, progress=progress, log=log)
+    seconds = time.perf_counter() - started
+    model, prepared = load_run(run_dir, progress=progress)
+    metrics, _, _ = evaluate_split(model, prepared, split, config.train.eval_batch_size, progress=progress)
+    result = RunResult(
+        label=label, seed=config.train.seed, model=prepared.spec.name, metrics=metrics,
+        best_epoch=int(summary["best_epoch"] or 0), trainable_parameters=model.num_parameters(),
+        backbone_parameters=backbone_parameters(prepared.spec.backbone), train_seconds=round(seconds, 1),
+        run_dir=str(run_dir),
+    )
+    write_json(result_path, {"config": config.to_dict(), "split": split, "result": asdict(result)})
+    log(f"{label} seed {config.train.seed}: {split} mR {metrics['mR']:.2f} (best epoch {result.best_epoch}, {seconds:.0f} s)")
+    return result
+
+
+def run_variants(base: dict[str, Any], variants: list[Variant], seeds: list[int], out_dir: Path, split: str,
+                 progress: bool = True, log=print) -> list[RunResult]:
+    """Every variant at every seed, each in ``out_dir/<label>/seed<k>``."""
+    labels = [v.label for v in variants]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"experiment rows must have distinct labels, got {labels}")
+    results = []
+    for variant in variants:
+        for seed in seeds:
+            config = variant_config(base, variant, seed)
+            results.append(run_variant(config, out_dir / _slug(variant.label) / f"seed{seed}", variant.label, split, progress, log))
+    return results
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+
+def aggregate(results: list[RunResult]) -> dict[str, dict[str, Any]]:
+    """Per label: mean and sample std over seeds of every metric, parameters, seconds, seeds."""
+    table: dict[str, dict[str, Any]] = {}
+    for label in dict.fromkeys(r.label for r in results):
+        runs = [r for r in results if r.label == label]
+        keys = runs[0].metrics.keys()
+        values = {k: np.array([r.metrics[k] for r in runs], dtype=np.float64) for k in keys}
+        table[label] = {
+            "model": runs[0].model,
+            "seeds": [r.seed for r in runs],
+            "mean": {k: float(v.mean()) for k, v in values.items()},
+            "std": {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()},
+            "trainable_parameters": runs[0].trainable_parameters,
+            "backbone_parameters": runs[0].backbone_parameters,
+            "train_seconds": float(np.mean([r.train_seconds for r in runs])),
+            "best_epochs": [r.best_epoch for r in runs],
+        }
+    return table
+
+
+def _cell(row: dict[str, Any], key: str, digits: int = 2) -> str:
+    mean, std = row["mean"][key], row["std"][key]
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(row["seeds"]) > 1 else f"{mean:.{digits}f}"
+
+
+def _params(row: dict[str, Any]) -> str:
+    trainable, frozen = row["trainable_parameters"] / 1e6, row["backbone_parameters"] / 1e6
+    return f"{trainable + frozen:.1f} M ({trainable:.1f} + {frozen:.1f})"
+
+
+def markdown_tables(table: dict[str, dict[str, Any]], title: str, with_params: bool = True,
+                    chance: dict[str, float] | None = None) -> str:
+    """Two Markdown tables: recalls and mR (DOVE Table I layout), then MedR/MeanR/R@sum (DSAN)."""
+    head = ["Model", *(["Params (trainable + frozen backbone)"] if with_params else []),
+            "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "mR"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, row in table.items():
+        cells = [label, *([_params(row)] if with_params else []), *(_cell(row, k) for k in RECALL_COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if chance is not None:
+        cells = ["chance", *(["–"] if with_params else []), *(f"{chance[k]:.2f}" for k in RECALL_COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    rank_head = ["Model", "i2t MedR", "i2t MeanR", "t2i MedR", "t2i MeanR", "R@sum", "train s/run", "best epochs"]
+    lines += ["", "| " + " | ".join(rank_head) + " |", "|" + "---|" * len(rank_head)]
+    for label, row in table.items():
+        cells = [label, _cell(row, "i2t_medr", 1), _cell(row, "i2t_meanr", 1), _cell(row, "t2i_medr", 1),
+                 _cell(row, "t2i_meanr", 1), _cell(row, "rsum", 1), f"{row['train_seconds']:.0f}",
+                 ", ".join(str(e) for e in row["best_epochs"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _chance(base: dict[str, Any], split: str) -> dict[str, float]:
+    from rsitr.data import load_dataset
+    from rsitr.evaluation import chance_metrics
+
+    data = config_from_dict(copy.deepcopy(base)).data
+    dataset = load_dataset(data.path, layout=data.layout, image_dir=data.image_dir, name=data.name)
+    image_ids = dataset.split_indices(split)
+    local = {img: k for k, img in enumerate(image_ids)}
+    captions = np.array([local[int(i)] for i in dataset.caption_image if int(i) in local], dtype=np.int64)
+    return chance_metrics(len(image_ids), captions)
+
+
+def write_report(out_dir: Path, name: str, title: str, results: list[RunResult], base: dict[str, Any], split: str,
+                 extra: dict[str, Any] | None = None, with_params: bool = True) -> tuple[Path, str]:
+    """Write ``name.md`` and ``name.json`` in ``out_dir``; returns the Markdown path and text."""
+    table = aggregate(results)
+    chance = _chance(base, split)
+    text = markdown_tables(table, title, with_params=with_params, chance=chance)
+    md_path = out_dir / f"{name}.md"
+    write_text(md_path, text)
+    write_json(out_dir / f"{name}.json", {
+        "title": title, "split": split, "table": table, "chance": chance,
+        "runs": [asdict(r) for r in results], **(extra or {}),
+    })
+    return md_path, text
+
+
+# ----------------------------------------------------------------------------------------- benchmark
+
+
+def run_benchmark(base: dict[str, Any], models: list[str], seeds: list[int], out_dir: Path, split: str = "val",
+                  progress: bool = True, log=print) -> tuple[Path, str]:
+    """Train and evaluate ``models`` (registered names or YAML paths) at every seed; write the report."""
+    from rsitr.models import get_model_spec
+
+    for name in models:
+        get_model_spec(name)  # fail before any training on an unknown name
+    variants = [Variant(label=Path(name).stem if name.endswith((".yaml", ".yml")) else name,
+                        overrides=[f"model.name={json.dumps(name)}"]) for name in models]
+    started = time.perf_counter()
+    results = run_variants(base, variants, seeds, out_dir, split, progress, log)
+    dataset = config_from_dict(copy.deepcopy(base)).data
+    title = f"{dataset.name or Path(dataset.path).stem}: {split} split, {len(seeds)} seed(s)"
+    return write_report(out_dir, "benchmark", title, results, base, split,
+                        extra={"models": models, "seeds": seeds, "wall_seconds": round(time.perf_counter() - started, 1)})
+
+
+# ----------------------------------------------------------------------------------------- ablations
+
+
+@dataclass
+class Study:
+    """An ablation study: rows of overrides on one model, and an optional sweep plot."""
+
+    name: str
+    title: str
+    model: str
+    rows: list[Variant]
+    sweep: str | None = None  # model parameter swept along the x axis of a plot (e.g. lambda_g)
+    log_x: bool = False
+
+
+def _studies_dir():
+    return resources.files("rsitr") / "studies"
+
+
+def list_studies() -> list[str]:
+    """Names of the shipped ablation studies."""
+    return sorted(p.name[: -len(".yaml")] for p in _studies_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_study(name: str | Path) -> Study:
+    """A shipped study by name, or a user's study YAML by path.
+
+    Study YAML::
+
+        title: DTGA input combinations (DOVE Table II)
+        model: dove
+        sweep: lambda_g        # optional: plot the metrics against this parameter
+        log_x: true
+        rows:
+          - label: "H^f, H^f"
+            params: {dtga: ff}    # model parameters
+            train: {batch_size: 64} # training overrides (optional)
+    """
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        text, label = path.read_text(encoding="utf-8"), path.stem
+    else:
+        resource = _studies_dir() / f"{name}.yaml"
+        if not resource.is_file():
+            raise ConfigError(f"unknown study {str(name)!r}; available: {', '.join(list_studies())}")
+        text, label = resource.read_text(encoding="utf-8"), str(name)
+    data = yaml.safe_load(text) or {}
+    unknown = sorted(set(data) - {"title", "model", "rows", "sweep", "log_x"})
+    if unknown or "rows" not in data or "model" not in data:
+        raise ConfigError(f"study {label!r}: needs 'model' and 'rows' (unknown fields: {', '.join(unknown) or 'none'})")
+    rows = []
+    for row in data["rows"]:
+        bad = sorted(set(row) - {"label", "params", "train"})
+        if bad or "label" not in row:
+            raise ConfigError(f"study {label!r}: each row needs a label and may have params, train (got {sorted(row)})")
+        overrides = [f"model.params.{k}={json.dumps(v)}" for k, v in (row.get("params") or {}).items()]
+        overrides += [f"train.{k}={json.dumps(v)}" for k, v in (row.get("train") or {}).items()]
+        rows.append(Variant(label=str(row["label"]), overrides=overrides))
+    return Study(name=label, title=str(data.get("title", label)), model=str(data["model"]), rows=rows,
+                 sweep=data.get("sweep"), log_x=bool(data.get("log_x", False)))
+
+
+def run_study(study: Study, base: dict[str, Any], seeds: list[int], out_dir: Path, split: str = "val",
+              progress: bool = True, log=print) -> tuple[Path, str]:
+    """Run every row of ``study`` on ``study.model``; write the table (and the sweep plot)."""
+    base = copy.deepcopy(base)
+    apply_override(base, f"model.name={json.dumps(study.model)}")
+    started = time.perf_counter()
+    results = run_variants(base, study.rows, seeds, out_dir, split, progress, log)
+    path, text = write_report(out_dir, study.name, f"{study.title}: {split} split, {len(seeds)} seed(s)", results, base,
+                              split, extra={"study": study.name, "seeds": seeds,
+                                            "wall_seconds": round(time.perf_counter() - started, 1)}, with_params=False)
+    if study.sweep:
+        from rsitr.plots import plot_sweep
+
+        values = [_sweep_value(row, study.sweep) for row in study.rows]
+        plot_sweep(aggregate(results), values, study.sweep, out_dir / f"{study.name}.png", log_x=study.log_x)
+    return path, text
+
+
+def _sweep_value(row: Variant, parameter: str) -> float:
+    for item in row.overrides:
+        key, _, value = item.partition("=")
+        if key.endswith(f".{parameter}"):
+            return float(yaml.safe_load(value))
+    raise ConfigError(f"study row {row.label!r} does not set the swept parameter {parameter!r}")
