@@ -27,7 +27,7 @@ def test_aggregate_mean_and_sample_std() -> None:
     assert table["a"]["std"]["i2t_r1"] == pytest.approx(1.4142136, rel=1e-6)
     assert table["b"]["std"]["mR"] == 0.0 and table["a"]["best_epochs"] == [1, 2]
     text = markdown_tables(table, "t", chance={k: 1.0 for k in experiments.RECALL_COLUMNS})
-    assert "| a | 13.0 M (2.0 + 11.0) |" in text
+    assert "| a | 13.0 M (2.0 + 11.0) | – |" in text
     assert "12.00 ± 2.83" in text and "| b |" in text and "| chance |" in text
     assert "5.00 ±" not in text  # one seed: no spread shown
 
@@ -74,7 +74,7 @@ def test_benchmark_end_to_end_and_reuse(tiny_synth, tmp_path, monkeypatch, capsy
     assert [r["seed"] for r in runs] == [0, 1] and all(r["label"] == "dove-s" for r in runs)
     assert report["table"]["dove-s"]["mean"]["mR"] == pytest.approx((runs[0]["metrics"]["mR"] + runs[1]["metrics"]["mR"]) / 2)
     assert runs[0]["metrics"] != runs[1]["metrics"]  # the seed changes the run
-    assert "| dove-s |" in (out / "benchmark.md").read_text()
+    assert "| 25 M |" in (out / "benchmark.md").read_text()  # DOVE-S's paper count beside ours
 
     # A second call reuses the finished runs: training must not run again.
     def no_training(*args, **kwargs):

@@ -164,17 +164,34 @@ def _params(row: dict[str, Any]) -> str:
     return f"{trainable + frozen:.1f} M ({trainable:.1f} + {frozen:.1f})"
 
 
+def _paper_params(row: dict[str, Any]) -> str:
+    value = row.get("paper_parameters_m")
+    return "–" if value is None else f"{value} M"
+
+
+def add_references(table: dict[str, dict[str, Any]]) -> None:
+    """Add each shipped model's paper parameter count (``reference.parameters_m``) to its row."""
+    from rsitr.errors import RsitrError
+    from rsitr.models.registry import get_model_reference
+
+    for row in table.values():
+        try:
+            row["paper_parameters_m"] = get_model_reference(row["model"]).get("parameters_m")
+        except RsitrError:
+            row["paper_parameters_m"] = None
+
+
 def markdown_tables(table: dict[str, dict[str, Any]], title: str, with_params: bool = True,
                     chance: dict[str, float] | None = None) -> str:
     """Two Markdown tables: recalls and mR (DOVE Table I layout), then MedR/MeanR/R@sum (DSAN)."""
-    head = ["Model", *(["Params (trainable + frozen backbone)"] if with_params else []),
+    head = ["Model", *(["Params (trainable + frozen backbone)", "Params (paper)"] if with_params else []),
             "i2t R@1", "i2t R@5", "i2t R@10", "t2i R@1", "t2i R@5", "t2i R@10", "mR"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in table.items():
-        cells = [label, *([_params(row)] if with_params else []), *(_cell(row, k) for k in RECALL_COLUMNS)]
+        cells = [label, *([_params(row), _paper_params(row)] if with_params else []), *(_cell(row, k) for k in RECALL_COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
     if chance is not None:
-        cells = ["chance", *(["–"] if with_params else []), *(f"{chance[k]:.2f}" for k in RECALL_COLUMNS)]
+        cells = ["chance", *(["–", "–"] if with_params else []), *(f"{chance[k]:.2f}" for k in RECALL_COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
     rank_head = ["Model", "i2t MedR", "i2t MeanR", "t2i MedR", "t2i MeanR", "R@sum", "train s/run", "best epochs"]
     lines += ["", "| " + " | ".join(rank_head) + " |", "|" + "---|" * len(rank_head)]
@@ -202,6 +219,8 @@ def write_report(out_dir: Path, name: str, title: str, results: list[RunResult],
                  extra: dict[str, Any] | None = None, with_params: bool = True) -> tuple[Path, str]:
     """Write ``name.md`` and ``name.json`` in ``out_dir``; returns the Markdown path and text."""
     table = aggregate(results)
+    if with_params:
+        add_references(table)
     chance = _chance(base, split)
     text = markdown_tables(table, title, with_params=with_params, chance=chance)
     md_path = out_dir / f"{name}.md"

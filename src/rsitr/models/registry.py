@@ -10,6 +10,9 @@ and one YAML file per named configuration::
     features:                 # optional: what the feature cache must hold for this model
       image_size: 299         #   (FeatureSpec fields: image_size, maps, num_regions, region_level)
       maps: ["mixed_7c:8"]
+    reference:                # optional: what the paper reports, shown beside measured figures
+      source: DOVE Table I
+      parameters_m: 38
 
 ``create_model("dove", ...)`` reads ``dove.yaml``; an unknown name raises an error listing the
 available ones, and an unknown parameter an error listing the valid fields.
@@ -85,8 +88,7 @@ def list_models() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in _config_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def get_model_spec(name: str | Path) -> ModelSpec:
-    """The spec of a shipped model name, or of a user's YAML file given by path."""
+def _read_model_yaml(name: str | Path) -> tuple[dict[str, Any], str]:
     path = Path(name)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         text, label = path.read_text(encoding="utf-8"), path.stem
@@ -95,13 +97,23 @@ def get_model_spec(name: str | Path) -> ModelSpec:
         if not resource.is_file():
             raise UnknownModelError(f"unknown model {str(name)!r}; available: {', '.join(list_models())}")
         text, label = resource.read_text(encoding="utf-8"), str(name)
-    data = yaml.safe_load(text) or {}
+    return yaml.safe_load(text) or {}, label
+
+
+def get_model_reference(name: str | Path) -> dict[str, Any]:
+    """The ``reference`` section of a model config (paper figures such as ``parameters_m``), or {}."""
+    return dict(_read_model_yaml(name)[0].get("reference") or {})
+
+
+def get_model_spec(name: str | Path) -> ModelSpec:
+    """The spec of a shipped model name, or of a user's YAML file given by path."""
+    data, label = _read_model_yaml(name)
     for key in ("architecture", "backbone"):
         if key not in data:
             raise ConfigError(f"model config {label!r} lacks the {key!r} field")
-    unknown = sorted(set(data) - {"architecture", "backbone", "params", "features"})
+    unknown = sorted(set(data) - {"architecture", "backbone", "params", "features", "reference"})
     if unknown:
-        raise ConfigError(f"model config {label!r}: unknown field(s) {', '.join(unknown)}; valid: architecture, backbone, params, features")
+        raise ConfigError(f"model config {label!r}: unknown field(s) {', '.join(unknown)}; valid: architecture, backbone, params, features, reference")
     return ModelSpec(name=label, architecture=data["architecture"], backbone=data["backbone"],
                      params=dict(data.get("params") or {}), features=dict(data.get("features") or {}))
 
