@@ -44,6 +44,6 @@ def test_readme_model_example_trains(tmp_path) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert model.similarity(model.encode_image(features), model.encode_text(tokens, lengths)).shape == (6, 6)
