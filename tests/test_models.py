@@ -1,4 +1,4 @@
-"""Every registered model: forward, backward, finite gradients, batch independence, ablation switches."""
+"""DOVE and DOVE-S: forward, backward, finite gradients, batch independence, ablation switches."""
 
 import pytest
 import torch
@@ -43,7 +43,10 @@ ABLATIONS = [
 ]
 
 
-@pytest.mark.parametrize("name", list_models())
+DOVE_MODELS = [name for name in list_models() if get_model_spec(name).architecture == "dove"]
+
+
+@pytest.mark.parametrize("name", DOVE_MODELS)
 @pytest.mark.parametrize("overrides", ABLATIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "full")
 def test_forward_backward_finite(name, overrides):
     model = small(name, **overrides)

@@ -22,7 +22,7 @@ from rsitr.errors import CheckpointError, ConfigError
 
 #: Modules of this package that define backbones; each exposes ``BACKBONES: dict[str, BackboneInfo]``.
 #: A new backbone family is one module plus its name here.
-_BACKBONE_MODULES = ("resnet", "inception")
+_BACKBONE_MODULES = ("resnet", "inception", "vig")
 
 
 def _build_registry() -> dict[str, BackboneInfo]:

@@ -1,0 +1,583 @@
+"""Scene-classification pretraining of an image backbone, for use as a frozen feature extractor.
+
+Retrieval models here encode images with a frozen backbone; the papers use a ResNet-50 trained on
+the AID scene dataset, whose weights are not downloadable. :func:`pretrain` trains such a backbone
+on labelled images the user has (an ImageFolder tree or a retrieval dataset's scene labels, see
+:mod:`rsitr.data.imagefolder`) and saves it in the form ``--backbone-weights`` /
+:func:`rsitr.backbones.create_backbone` loads.
+
+How it trains, and why:
+
+* All images are decoded once, by a thread pool, into one uint8 tensor in memory at
+  ``decode_size = round(image_size * decode_scale)`` (8/7 by default: 256 px for 224 px crops),
+  so epochs cost no decoding. That is 3 * 256 * 256 bytes = 192 KiB per image (about 2 GiB for
+  AID's 10 000 images).
+* Each batch is augmented in one resampling call (:func:`rsitr.augment.augment_batch`: random
+  resized crop, flips, 90-degree rotations, colour jitter), normalised with the ImageNet statistics
+  feature extraction uses, and run in ``channels_last`` layout under CPU bfloat16 autocast
+  (``precision="bf16"``): on CPUs with bf16 instructions a training step is about twice as fast
+  as in float32 (see ``benchmarks/pretrain_speed.py``). Master weights, the loss and the
+  optimiser stay in float32.
+* The classifier is the backbone's own ``fc``, resized to the number of classes, so the saved
+  state dict has torchvision's keys; the weight loader ignores ``fc.*``.
+* SGD with Nesterov momentum; no weight decay on biases and BatchNorm parameters (the usual
+  practice: decay would only shrink the BatchNorm scales, which the next layer undoes). The
+  learning rate warms up linearly over ``warmup_epochs`` and then follows a cosine from ``lr``
+  to 0, updated every step. The rate is a function of the global step, so the
+  schedule needs no state of its own.
+* After each epoch the BatchNorm statistics are recomputed exactly over (up to ``bn_images``)
+  training images before validation and saving: the running averages trail the weights, and the
+  frozen backbone's features are computed with these statistics.
+* Shuffling and augmentation draw from generators seeded by ``(seed, epoch)``, so an interrupted
+  run resumed from ``resume.pt`` repeats exactly the batches the uninterrupted run would have seen.
+
+Files written into ``out_dir``::
+
+    backbone.safetensors   weights of the epoch with the best validation top-1 (torchvision keys)
+    backbone.json          classes, backbone name, epoch, val accuracy (overall and per class),
+                           image size and normalisation of that checkpoint
+    pretrain_config.json   the configuration and data summary of the run
+    resume.pt              last epoch's model, optimiser, step, RNG state and history
+    metrics.csv            loss, accuracy, learning rate and images/s per epoch
+    pretrain_curves.png    the same, plotted
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from rsitr.augment import AugmentConfig, augment_batch, eval_transform
+from rsitr.backbones import Backbone, backbone_info, create_backbone
+from rsitr.data.imagefolder import ClassificationData
+from rsitr.data.images import IMAGENET_MEAN, IMAGENET_STD, read_image
+from rsitr.errors import ConfigError
+from rsitr.io import atomic_path, save_tensors, write_json, write_text
+
+BACKBONE_FILE = "backbone.safetensors"
+BACKBONE_JSON = "backbone.json"
+CONFIG_FILE = "pretrain_config.json"
+RESUME = "resume.pt"
+METRICS = "metrics.csv"
+CURVES = "pretrain_curves.png"
+
+#: Accepted values of ``PretrainConfig.precision``.
+PRECISIONS = ("bf16", "fp32")
+
+#: Config fields that may change between an interrupted run and its resumption.
+_RESUMABLE_CHANGES = ("threads",)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a pretraining run (the data aside).
+
+    Attributes:
+        backbone: registered backbone with an ``fc`` classifier (``resnet18``, ``resnet50``).
+        image_size: side of the square training and validation inputs.
+        epochs: passes over the training images.
+        batch_size: training images per step (the last, smaller batch of an epoch is dropped).
+        lr: peak learning rate, reached after warm-up. 0.05 suits batch 64 from scratch; use
+            about a tenth when starting from ``init_weights``.
+        momentum: SGD (Nesterov) momentum.
+        weight_decay: L2 penalty on convolution and linear weights (not biases, not BatchNorm).
+        label_smoothing: cross-entropy label smoothing.
+        warmup_epochs: epochs of linear learning-rate warm-up before the cosine decay.
+        seed: seeds the classifier init, the random init of the backbone, shuffling and
+            augmentation.
+        precision: ``"bf16"`` (CPU autocast to bfloat16) or ``"fp32"``.
+        channels_last: run in channels_last memory layout (oneDNN's fast CPU convolutions).
+        augment: training augmentation parameters.
+        init_weights: optional weights file to start from (e.g. ImageNet torchvision weights);
+            its classifier is ignored.
+        threads: torch threads (set process-wide) and decoding threads; 0 keeps torch's setting
+            and decodes with one thread per CPU. On a machine shared with other jobs, fewer
+            threads than cores can be much faster.
+        decode_scale: images are stored at ``round(image_size * decode_scale)`` pixels.
+        eval_batch_size: images per validation batch; 0 means twice ``batch_size``.
+        bn_images: training images (eval transform) over which the BatchNorm statistics are
+            recomputed after each epoch, before validation; 0 keeps the running averages. The
+            running averages lag behind the weights (badly in short runs), and a frozen backbone's
+            features are computed with these statistics, so they should describe the final weights.
+    """
+
+    backbone: str = "resnet50"
+    image_size: int = 224
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    precision: str = "bf16"
+    channels_last: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    init_weights: str | None = None
+    threads: int = 0
+    decode_scale: float = 8 / 7
+    eval_batch_size: int = 0
+    bn_images: int = 2048
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig.from_dict(self.augment)
+        if self.init_weights is not None:
+            self.init_weights = str(self.init_weights)
+
+    @property
+    def decode_size(self) -> int:
+        """Side at which images are decoded and kept in memory."""
+        return max(self.image_size, round(self.image_size * self.decode_scale))
+
+    def validate(self) -> None:
+        """Raise :class:`~rsitr.errors.ConfigError` naming the first invalid value."""
+        backbone_info(self.backbone)  # ConfigError listing the registered names
+        positive = {"image_size": self.image_size, "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"pretrain {name} must be > 0, got {value}")
+        if self.image_size < 32:
+            raise ConfigError(f"pretrain image_size must be >= 32 (the network downsamples by 32), "
+                              f"got {self.image_size}")
+        checks = [("momentum", 0 <= self.momentum < 1), ("weight_decay", self.weight_decay >= 0),
+                  ("label_smoothing", 0 <= self.label_smoothing < 1), ("warmup_epochs", self.warmup_epochs >= 0),
+                  ("threads", self.threads >= 0), ("decode_scale", self.decode_scale >= 1),
+                  ("eval_batch_size", self.eval_batch_size >= 0), ("bn_images", self.bn_images >= 0)]
+        for name, ok in checks:
+            if not ok:
+                raise ConfigError(f"pretrain {name} is out of range: {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"pretrain precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        self.augment.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able values, the augmentation nested."""
+        values = asdict(self)
+        values["augment"] = self.augment.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PretrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are a ConfigError."""
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown pretrain parameter(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------- decoding
+
+
+def _decode_one(path: Path, size: int) -> Tensor:
+    """One image as (3, size, size) uint8; PIL's bilinear resize antialiases when shrinking."""
+    img = read_image(path)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def decode_images(paths: Sequence[Path], size: int, threads: int = 0, progress: bool = True,
+                  desc: str = "decoding") -> Tensor:
+    """Decode and resize every image into one (N, 3, size, size) uint8 tensor, in parallel.
+
+    PIL releases the GIL while decoding and resizing, so threads scale. The first unreadable file
+    stops the work and raises its :class:`~rsitr.errors.ImageReadError` (naming the file).
+    """
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    if not paths:
+        return out
+
+    def work(index: int) -> None:
+        out[index] = _decode_one(Path(paths[index]), size)
+
+    workers = threads or os.cpu_count() or 1
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rsitr-decode")
+    try:
+        for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=desc, unit="img",
+                      disable=not progress, leave=False):
+            pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+def build_classifier(config: PretrainConfig, num_classes: int) -> Backbone:
+    """The backbone (random init from ``seed``, or ``init_weights``) with ``fc`` sized to ``num_classes``."""
+    model = create_backbone(config.backbone, weights=config.init_weights, seed=config.seed)
+    head = getattr(model, "fc", None)
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"backbone {config.backbone!r} has no 'fc' classifier to pretrain")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 1)
+        model.fc = nn.Linear(head.in_features, num_classes)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices and kernels only; biases and BatchNorm scales are exempt."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
+    exempt = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, config: PretrainConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(_parameter_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
+                           nesterov=config.momentum > 0)
+
+
+def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Linear warm-up to ``peak`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _precision(precision: str) -> contextlib.AbstractContextManager[object]:
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _normalise(images: Tensor, channels_last: bool) -> Tensor:
+    """ImageNet mean/std normalisation of a [0, 1] batch, in the requested memory layout."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=images.dtype).view(1, 3, 1, 1)
+    out = (images - mean) / std
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()
+
+
+# ----------------------------------------------------------------------------------------- epochs
+
+
+def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A generator for one purpose (``stream``) of one epoch; independent of everything before it."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 8 + stream)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
+    """Image order of an epoch, cut into batches; a short last batch is dropped unless it is the only one."""
+    order = torch.randperm(n, generator=_generator(seed, epoch, 0))
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+@dataclass
+class _Split:
+    """Decoded images of one split and their labels."""
+
+    images: Tensor  # (N, 3, S, S) uint8
+    labels: Tensor  # (N,) int64
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Split, config: PretrainConfig,
+                epoch: int, steps_per_epoch: int, progress: bool = True) -> dict[str, float]:
+    """One epoch of augmented SGD steps; returns mean loss, top-1 accuracy, seconds and images/s."""
+    model.train()
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    augment_rng = _generator(config.seed, epoch, 1)
+    loss_sum, correct, seen = 0.0, 0, 0
+    started = time.perf_counter()
+    batches = epoch_batches(len(data.labels), config.batch_size, config.seed, epoch)
+    for i, batch in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", disable=not progress, leave=False)):
+        lr = learning_rate(epoch * steps_per_epoch + i, total_steps, warmup_steps, config.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = augment_batch(data.images[batch], config.augment, config.image_size, augment_rng)
+        inputs, targets = _normalise(images, config.channels_last), data.labels[batch]
+        with _precision(config.precision):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(batch)
+        correct += int((logits.detach().argmax(dim=1) == targets).sum())
+        seen += len(batch)
+    seconds = time.perf_counter() - started
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "train_seconds": seconds,
+            "images_per_s": seen / seconds, "lr": lr}
+
+
+def _eval_chunks(indices: Tensor, batch_size: int) -> list[Tensor]:
+    """``indices`` in batches; a last batch of one image joins the previous (BatchNorm needs two in train mode)."""
+    chunks = list(indices.split(batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    return chunks
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, data: _Split, config: PretrainConfig, epoch: int) -> None:
+    """Recompute every BatchNorm's running mean and variance as exact averages over training images.
+
+    Up to ``config.bn_images`` training images (a seeded draw per epoch), seen through the eval
+    transform, are run in train mode with ``momentum=None`` (a cumulative average) after the
+    statistics are reset. Weights are untouched; only the buffers used in eval mode change.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or config.bn_images == 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    chosen = torch.randperm(len(data.labels), generator=_generator(config.seed, epoch, 2))[:config.bn_images]
+    try:
+        for chunk in _eval_chunks(chosen, config.eval_batch_size or 2 * config.batch_size):
+            images = eval_transform(data.images[chunk], config.image_size)
+            with _precision(config.precision):
+                model(_normalise(images, config.channels_last))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: _Split, config: PretrainConfig, num_classes: int) -> dict[str, Any]:
+    """Validation loss (without label smoothing), top-1 accuracy and per-class accuracy (None: no images)."""
+    model.eval()
+    batch_size = config.eval_batch_size or 2 * config.batch_size
+    loss_sum, predictions = 0.0, []
+    for start in range(0, len(data.labels), batch_size):
+        images = eval_transform(data.images[start:start + batch_size], config.image_size)
+        with _precision(config.precision):
+            logits = model(_normalise(images, config.channels_last)).float()
+        loss_sum += float(F.cross_entropy(logits, data.labels[start:start + batch_size], reduction="sum"))
+        predictions.append(logits.argmax(dim=1))
+    predicted = torch.cat(predictions)
+    hits = (predicted == data.labels).double()
+    totals = torch.bincount(data.labels, minlength=num_classes)
+    per_class_hits = torch.bincount(data.labels, weights=hits, minlength=num_classes)
+    per_class = [None if int(t) == 0 else float(h) / int(t) for h, t in zip(per_class_hits, totals)]
+    return {"val_loss": loss_sum / len(data.labels), "val_acc": float(hits.mean()), "per_class": per_class}
+
+
+# ----------------------------------------------------------------------------------------- files
+
+
+def save_backbone(out_dir: Path, model: nn.Module, config: PretrainConfig, data: ClassificationData, epoch: int,
+                  val: dict[str, Any] | None) -> Path:
+    """Write ``backbone.safetensors`` (torchvision keys, float32, contiguous) and ``backbone.json``."""
+    path = out_dir / BACKBONE_FILE
+    description = {
+        "backbone": config.backbone,
+        "classes": list(data.classes),
+        "epoch": epoch,
+        "val_accuracy": None if val is None else val["val_acc"],
+        "val_per_class_accuracy": None if val is None else dict(zip(data.classes, val["per_class"])),
+        "image_size": config.image_size,
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "input_range": [0, 1]},
+        "data": data.source,
+        "num_train_images": len(data.train_paths),
+        "num_val_images": len(data.val_paths),
+        "usage": f"--backbone-weights {BACKBONE_FILE} with backbone {config.backbone} (the fc classifier is ignored)",
+    }
+    metadata = {"rsitr_backbone": config.backbone, "classes": json.dumps(list(data.classes)), "epoch": str(epoch)}
+    save_tensors(path, {k: v.float() for k, v in model.state_dict().items()}, metadata=metadata)
+    write_json(out_dir / BACKBONE_JSON, description)
+    return path
+
+
+def _save_resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int,
+                 best: float, history: list[dict[str, Any]], config: PretrainConfig, data: ClassificationData) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "best_val_acc": best,
+        "history_json": json.dumps(history),
+        "config_json": json.dumps(config.to_dict()),
+        "data_json": json.dumps(_data_identity(data)),
+        "torch_rng": torch.get_rng_state(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config_dict.items() if k not in _RESUMABLE_CHANGES}
+
+
+def _data_identity(data: ClassificationData) -> dict[str, Any]:
+    """What must match for a run to resume on ``data``: the classes and the images per class and split."""
+    return {"classes": list(data.classes), "train": data.counts("train"), "val": data.counts("val")}
+
+
+def _load_resume(path: Path, config: PretrainConfig, data: ClassificationData) -> dict[str, Any]:
+    """Read ``resume.pt``; ConfigError when it belongs to another configuration or other data."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if _comparable(json.loads(state["config_json"])) != _comparable(config.to_dict()):
+        raise ConfigError(f"{path.parent}: holds a pretraining run with another configuration; "
+                          "choose a new output folder or delete it")
+    if json.loads(state["data_json"]) != _data_identity(data):
+        raise ConfigError(f"{path.parent}: holds a pretraining run on other classes or images; "
+                          "choose a new output folder or delete it")
+    return state
+
+
+def _write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0].keys()))
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(out_dir / METRICS, buffer.getvalue())
+    plot_pretrain_curves(history, out_dir / CURVES)
+
+
+def plot_pretrain_curves(history: list[dict[str, Any]], path: str | Path) -> None:
+    """Training/validation loss and top-1 accuracy per epoch, side by side, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, label in ((ax_loss, "loss", "cross-entropy"), (ax_acc, "acc", "top-1 accuracy")):
+        for split in ("train", "val"):
+            values = [row.get(f"{split}_{key}") for row in history]
+            if all(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", ms=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------- driver
+
+
+def _check_data(data: ClassificationData) -> None:
+    if data.num_classes < 2:
+        raise ConfigError(f"scene classification needs at least 2 classes, got {data.num_classes} ({data.source})")
+    if not data.train_paths:
+        raise ConfigError(f"no training images ({data.source})")
+
+
+def _decode_splits(config: PretrainConfig, data: ClassificationData, progress: bool) -> tuple[_Split, _Split]:
+    size = config.decode_size
+    train = _Split(decode_images(data.train_paths, size, config.threads, progress, "decoding train"),
+                   torch.tensor(data.train_labels, dtype=torch.int64))
+    val = _Split(decode_images(data.val_paths, size, config.threads, progress, "decoding val"),
+                 torch.tensor(data.val_labels, dtype=torch.int64))
+    return train, val
+
+
+def _summary(history: list[dict[str, Any]], data: ClassificationData, out_dir: Path) -> dict[str, Any]:
+    scored = [row for row in history if row["val_acc"] is not None]
+    best = max(scored, key=lambda r: r["val_acc"]) if scored else (history[-1] if history else {})
+    return {
+        "best_epoch": best.get("epoch"),
+        "best_val_acc": best.get("val_acc"),
+        "final_val_acc": history[-1]["val_acc"] if history else None,
+        "epochs": len(history),
+        "classes": list(data.classes),
+        "num_train": len(data.train_paths),
+        "num_val": len(data.val_paths),
+        "images_per_s": float(np.mean([r["images_per_s"] for r in history])) if history else 0.0,
+        "seconds_per_epoch": float(np.mean([r["train_seconds"] for r in history])) if history else 0.0,
+        "checkpoint": str(out_dir / BACKBONE_FILE),
+    }
+
+
+def pretrain(config: PretrainConfig, data: ClassificationData, out_dir: str | Path, progress: bool = True,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``config.backbone`` to classify ``data`` and save its best-on-validation weights in ``out_dir``.
+
+    Resumes when ``out_dir`` holds a ``resume.pt`` of the same configuration (only ``threads`` may
+    differ) and the same classes and image counts: the result is then identical to an
+    uninterrupted run. ``log`` receives one line per epoch, after that epoch's files are written.
+
+    Returns:
+        A summary: best epoch and its validation top-1, final top-1, epochs run, classes, image
+        counts, mean training images/s and seconds per epoch, and the checkpoint path.
+
+    Raises:
+        ConfigError: invalid configuration, fewer than two classes, or an ``out_dir`` holding
+            another run.
+        DatasetError: an image cannot be read (naming the file).
+    """
+    config.validate()
+    _check_data(data)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    resume_path = out_dir / RESUME
+    state = _load_resume(resume_path, config, data) if resume_path.exists() else None
+    write_json(out_dir / CONFIG_FILE, {"config": config.to_dict(), "data": data.source, "classes": list(data.classes),
+                                       "num_train": len(data.train_paths), "num_val": len(data.val_paths)})
+    if state is not None and int(state["epoch"]) + 1 >= config.epochs:
+        log(f"{out_dir}: all {config.epochs} epochs are done already")
+        return _summary(json.loads(state["history_json"]), data, out_dir)
+    log(f"pretraining {config.backbone} on {data.summary()}; {data.source}")
+    train, val = _decode_splits(config, data, progress)
+
+    model = build_classifier(config, data.num_classes)
+    optimizer = build_optimizer(model, config)
+    start_epoch, step, best, history = 0, 0, -math.inf, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        best, history = float(state["best_val_acc"]), json.loads(state["history_json"])
+        log(f"resuming {out_dir} at epoch {start_epoch + 1}/{config.epochs}")
+
+    steps_per_epoch = len(epoch_batches(len(train.labels), config.batch_size, config.seed, 0))
+    for epoch in range(start_epoch, config.epochs):
+        terms = train_epoch(model, optimizer, train, config, epoch, steps_per_epoch, progress)
+        step += steps_per_epoch
+        recalibrate_batchnorm(model, train, config, epoch)
+        scores = evaluate(model, val, config, data.num_classes) if len(val.labels) else None
+        row = {"epoch": epoch + 1, "lr": terms["lr"], "train_loss": round(terms["train_loss"], 5),
+               "train_acc": round(terms["train_acc"], 5),
+               "val_loss": None if scores is None else round(scores["val_loss"], 5),
+               "val_acc": None if scores is None else round(scores["val_acc"], 5),
+               "train_seconds": round(terms["train_seconds"], 3), "images_per_s": round(terms["images_per_s"], 2)}
+        history.append(row)
+        # Without validation images every epoch is "best", so the last one is kept.
+        improved = scores is None or scores["val_acc"] > best
+        if improved:
+            best = -math.inf if scores is None else scores["val_acc"]
+            save_backbone(out_dir, model, config, data, epoch + 1, scores)
+        _write_metrics(out_dir, history)
+        _save_resume(resume_path, model, optimizer, epoch, step, best, history, config, data)
+        val_text = "" if scores is None else f"  val loss {scores['val_loss']:.4f}  val acc {scores['val_acc']:.2%}"
+        log(f"epoch {epoch + 1}/{config.epochs}  loss {terms['train_loss']:.4f}  train acc {terms['train_acc']:.2%}"
+            f"{val_text}  {terms['images_per_s']:.1f} img/s  {terms['train_seconds']:.1f}s"
+            + ("  *best" if improved else ""))
+    return _summary(history, data, out_dir)

@@ -1,0 +1,197 @@
+"""Scene-classification pretraining: it learns, saves loadable torchvision-keyed weights, resumes exactly."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rsitr.augment import AugmentConfig
+from rsitr.backbones import create_backbone
+from rsitr.data.imagefolder import ClassificationData, load_imagefolder
+from rsitr.errors import ConfigError
+from rsitr.io import load_tensors
+from rsitr.pretrain import (
+    BACKBONE_FILE,
+    BACKBONE_JSON,
+    CURVES,
+    METRICS,
+    RESUME,
+    PretrainConfig,
+    _Split,
+    build_classifier,
+    epoch_batches,
+    learning_rate,
+    pretrain,
+    recalibrate_batchnorm,
+)
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 60, 200)}
+
+#: A run small enough for a test: ResNet-18 at 64 px, 36 training and 12 validation images. One
+#: thread: such small convolutions gain nothing from two, and lose a lot when the cores are busy.
+TINY = PretrainConfig(backbone="resnet18", image_size=64, epochs=2, batch_size=4, lr=0.01, warmup_epochs=0.5,
+                      precision="fp32", augment=AugmentConfig(hue=0.0), seed=0, threads=1)
+
+
+class Interrupt(Exception):
+    """Raised from the log callback to stop a run after its first epoch."""
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory) -> ClassificationData:
+    """Three easily separated classes: noisy solid red, green and blue images (48 px PNGs)."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir()
+        for i in range(16):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (48, 48, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}_{i:02d}.png")
+    return load_imagefolder(root, val_fraction=0.25, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fp32_run(colour_data, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("fp32")
+    return out, pretrain(TINY, colour_data, out, progress=False, log=_quiet)
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_tiny_run_learns_the_classes(fp32_run, colour_data) -> None:
+    out, summary = fp32_run
+    assert summary["epochs"] == 2 and summary["num_val"] == 12 and summary["classes"] == ["blue", "green", "red"]
+    assert summary["best_val_acc"] >= 0.75  # chance is 1/3
+    description = json.loads((out / BACKBONE_JSON).read_text())
+    assert description["classes"] == colour_data.classes and description["backbone"] == "resnet18"
+    assert description["epoch"] == summary["best_epoch"]
+    assert description["val_accuracy"] == pytest.approx(summary["best_val_acc"], abs=1e-5)
+    assert set(description["val_per_class_accuracy"]) == set(colour_data.classes)
+    per_class = list(description["val_per_class_accuracy"].values())
+    assert np.mean(per_class) == pytest.approx(description["val_accuracy"])  # 4 val images per class
+    assert description["image_size"] == 64 and len(description["normalization"]["mean"]) == 3
+
+
+def test_metrics_csv_and_curves(fp32_run) -> None:
+    out, summary = fp32_run
+    rows = list(csv.DictReader((out / METRICS).open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        assert float(row["images_per_s"]) > 0 and math.isfinite(float(row["train_loss"]))
+        assert 0 <= float(row["val_acc"]) <= 1
+    assert float(rows[1]["lr"]) < float(rows[0]["lr"])  # cosine decay
+    assert (out / CURVES).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_saved_backbone_loads_with_the_trained_weights(fp32_run) -> None:
+    out, summary = fp32_run
+    path = out / BACKBONE_FILE
+    saved = load_tensors(path)
+    assert saved["fc.weight"].shape == (3, 512)  # the classifier is the backbone's own fc, resized
+    loaded = create_backbone("resnet18", weights=path)
+    fresh = create_backbone("resnet18", seed=TINY.seed)
+    for key in ("conv1.weight", "layer3.1.conv2.weight", "bn1.running_mean", "layer4.1.bn2.weight"):
+        assert torch.equal(loaded.state_dict()[key], saved[key])
+        assert not torch.equal(loaded.state_dict()[key], fresh.state_dict()[key])  # training moved it
+    if summary["best_epoch"] == TINY.epochs:  # the best epoch was the last: same weights as resume.pt
+        last = _state(out / RESUME)
+        assert torch.equal(loaded.state_dict()["layer2.0.conv1.weight"], last["layer2.0.conv1.weight"])
+
+
+def test_interrupted_run_resumes_to_the_same_weights(fp32_run, colour_data, tmp_path: Path) -> None:
+    reference, _ = fp32_run
+
+    def stop_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        pretrain(TINY, colour_data, tmp_path, progress=False, log=stop_after_first_epoch)
+    assert torch.load(tmp_path / RESUME, weights_only=True)["epoch"] == 0
+    lines: list[str] = []
+    pretrain(TINY, colour_data, tmp_path, progress=False, log=lines.append)
+    assert any(line.startswith("resuming") for line in lines)
+    assert sum(line.startswith("epoch ") for line in lines) == 1
+    expected, resumed = _state(reference / RESUME), _state(tmp_path / RESUME)
+    assert expected.keys() == resumed.keys()
+    for key, value in expected.items():
+        assert torch.equal(value, resumed[key]), key
+    best_weights = [load_tensors(d / BACKBONE_FILE)["conv1.weight"] for d in (reference, tmp_path)]
+    assert torch.equal(*best_weights)
+    untimed = ("train_seconds", "images_per_s")
+    rows = [[{k: v for k, v in r.items() if k not in untimed} for r in csv.DictReader((d / METRICS).open())]
+            for d in (reference, tmp_path)]
+    assert rows[0] == rows[1]
+
+
+def test_resume_refuses_another_configuration(fp32_run, colour_data) -> None:
+    out, _ = fp32_run
+    with pytest.raises(ConfigError, match="another configuration"):
+        pretrain(replace(TINY, lr=0.02), colour_data, out, progress=False, log=_quiet)
+    # a finished run with the same config has nothing left to do and reports its summary
+    summary = pretrain(replace(TINY, threads=2), colour_data, out, progress=False, log=_quiet)  # threads may differ
+    assert summary["epochs"] == 2
+
+
+def test_bf16_run_trains_and_differs_from_fp32(fp32_run, colour_data, tmp_path: Path) -> None:
+    reference, _ = fp32_run
+    summary = pretrain(replace(TINY, precision="bf16"), colour_data, tmp_path, progress=False, log=_quiet)
+    assert summary["epochs"] == 2 and summary["best_val_acc"] >= 0.75
+    bf16, fp32 = _state(tmp_path / RESUME), _state(reference / RESUME)
+    assert all(torch.isfinite(v).all() for v in bf16.values() if v.is_floating_point())
+    assert not torch.equal(bf16["conv1.weight"], fp32["conv1.weight"])  # autocast really changed the arithmetic
+    assert create_backbone("resnet18", weights=tmp_path / BACKBONE_FILE) is not None
+
+
+def test_batchnorm_recalibration_gives_exact_statistics() -> None:
+    config = replace(TINY, image_size=32, bn_images=6, eval_batch_size=8, channels_last=False)
+    model = build_classifier(config, num_classes=3)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    recalibrate_batchnorm(model, _Split(images, torch.zeros(6, dtype=torch.int64)), config, epoch=0)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        conv = model.conv1((images.float() / 255 - mean) / std)
+    torch.testing.assert_close(model.bn1.running_mean, conv.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.bn1.running_var, conv.var(dim=(0, 2, 3), unbiased=True), atol=1e-3, rtol=1e-4)
+    assert model.bn1.momentum == 0.1  # restored after the cumulative average
+
+
+def test_schedule_and_batches() -> None:
+    assert learning_rate(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert learning_rate(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert learning_rate(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert learning_rate(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert learning_rate(99, 100, 10, 1.0) < 0.01
+    batches = epoch_batches(10, 4, seed=1, epoch=0)
+    assert [len(b) for b in batches] == [4, 4]  # the short last batch is dropped
+    assert [b.tolist() for b in batches] == [b.tolist() for b in epoch_batches(10, 4, seed=1, epoch=0)]
+    assert [b.tolist() for b in batches] != [b.tolist() for b in epoch_batches(10, 4, seed=1, epoch=1)]
+    assert [len(b) for b in epoch_batches(3, 4, seed=1, epoch=0)] == [3]
+
+
+@pytest.mark.parametrize("bad", [dict(backbone="vgg16"), dict(precision="fp16"), dict(epochs=0), dict(image_size=16),
+                                 dict(label_smoothing=1.0)])
+def test_invalid_configuration_is_a_config_error(bad: dict, colour_data, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        pretrain(replace(TINY, **bad), colour_data, tmp_path, progress=False, log=_quiet)
+
+
+def test_config_round_trips_through_a_dict() -> None:
+    config = replace(TINY, init_weights="weights.pth", augment=AugmentConfig(scale=(0.5, 1.0)))
+    assert PretrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
