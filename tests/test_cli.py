@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from rsitr.cli import main
 
 
@@ -30,3 +32,26 @@ def test_unknown_model_is_one_line(tiny_synth, tmp_path, capsys):
                  "--cache-dir", str(tmp_path / "cache")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'nope'" in err and "dove-s" in err
+
+
+def test_pretrain_command_on_dataset_scene_labels(tiny_synth, tmp_path, capsys) -> None:
+    """`rsitr pretrain` on a retrieval dataset's scene labels writes a backbone that loads."""
+    from rsitr.backbones import create_backbone
+
+    out = tmp_path / "pre"
+    code = main(["--quiet", "pretrain", str(tiny_synth), "--backbone", "resnet18", "--image-size", "64",
+                 "--epochs", "1", "--batch-size", "8", "--threads", "1", "--precision", "fp32", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "classes" in printed and "--backbone-weights" in printed
+    loaded = create_backbone("resnet18", weights=out / "backbone.safetensors")
+    fresh = create_backbone("resnet18")
+    assert not torch.equal(loaded.conv1.weight, fresh.conv1.weight)  # trained weights, not the init
+
+
+def test_pretrain_command_errors_in_one_line(tmp_path, capsys) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["pretrain", str(empty), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rsitr: error:") and str(empty) in err and "\n" not in err

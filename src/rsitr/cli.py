@@ -203,6 +203,23 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from rsitr.data.imagefolder import load_classification_data
+    from rsitr.pretrain import PretrainConfig, pretrain
+
+    data = load_classification_data(args.path, val_fraction=args.val_fraction, seed=args.seed,
+                                    train_split=args.train_split, val_split=args.val_split)
+    print(data.summary())
+    values = {"backbone": args.backbone, "image_size": args.image_size, "epochs": args.epochs,
+              "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "precision": args.precision,
+              "init_weights": args.init_weights, "threads": args.threads}
+    config = PretrainConfig(**{k: v for k, v in values.items() if v is not None})
+    summary = pretrain(config, data, args.out, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    print(f"use it with: --backbone-weights {Path(args.out) / 'backbone.safetensors'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsitr", description="Remote-sensing image-text retrieval")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -269,6 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--split", default="val")
     ablate.add_argument("--out", default="ablations", help="folder for runs and the report")
     ablate.set_defaults(func=cmd_ablate)
+
+    pre = sub.add_parser("pretrain", help="scene-classification pretraining of a backbone (ImageFolder tree or a dataset's scene labels)")
+    pre.add_argument("path", help="ImageFolder root (one folder per class, optional train/ val/) or a retrieval dataset with scene labels")
+    pre.add_argument("--out", required=True, help="output folder (backbone.safetensors, metrics; re-running resumes)")
+    pre.add_argument("--backbone", default="resnet50", help="resnet18 | resnet50")
+    pre.add_argument("--image-size", type=int)
+    pre.add_argument("--epochs", type=int)
+    pre.add_argument("--batch-size", type=int)
+    pre.add_argument("--lr", type=float)
+    pre.add_argument("--precision", choices=["bf16", "fp32"])
+    pre.add_argument("--init-weights", help="start from these weights (e.g. ImageNet torchvision weights)")
+    pre.add_argument("--threads", type=int)
+    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--val-fraction", type=float, default=0.2, help="held-out share when there is no val split")
+    pre.add_argument("--train-split", default="train", help="for a retrieval dataset: the split whose labels train")
+    pre.add_argument("--val-split", default="val", help="for a retrieval dataset: the split that validates")
+    pre.set_defaults(func=cmd_pretrain)
 
     models = sub.add_parser("models", help="list registered models")
     models.set_defaults(func=cmd_models)
