@@ -110,7 +110,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from rsitr.data.synth import generate_synthetic
 
-    dataset = generate_synthetic(args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed)
+    dataset = generate_synthetic(args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed,
+                                 progress=not args.quiet)
     print(f"wrote {dataset.num_images} images and {dataset.num_captions} captions to {args.out} ({dataset.summary()})")
     return 0
 
