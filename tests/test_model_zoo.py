@@ -145,3 +145,24 @@ def test_one_epoch_through_the_pipeline(name: str, tiny_synth, tmp_path) -> None
     metrics, sims, data = evaluate_split(model, prepared, "test", batch_size=5, progress=False)
     assert sims.shape == (len(data.image_ids), len(data.lengths))
     assert torch.isfinite(sims).all() and 0.0 <= metrics["mR"] <= 100.0
+
+
+@pytest.mark.parametrize("name", ["scan-t2i", "dsan-t2i", "acf"])
+def test_word_level_models_score_captions_longer_than_48_tokens(name: str) -> None:
+    """Word encodings of chunks have their own widths (up to 60 here) and score the same in any chunking."""
+    model, dims = _build(name)
+    model.eval()
+    features = _features(model, dims, 4, seed=3)
+    _, _, extras = _text(9, seed=4)
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([60, 3, 49, 12, 55, 2, 30, 60, 7])
+    tokens = torch.randint(1, VOCAB, (9, 64), generator=g)
+    tokens[torch.arange(64)[None, :] >= lengths[:, None]] = 0
+    kwargs = {"text_extras": _extras(model, extras), "progress": False}
+    small = compute_similarity(model, features, tokens, lengths, batch_size=2, **kwargs)
+    large = compute_similarity(model, features, tokens, lengths, batch_size=9, **kwargs)
+    assert small.shape == (4, 9) and torch.isfinite(small).all()
+    torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        words = model.encode_text(tokens[2:4], lengths[2:4])["words"]
+    assert words.shape[1] == 49  # the chunk's longest caption, not a fixed width

@@ -169,3 +169,27 @@ def test_feature_standardizer_uses_given_statistics_and_masks_padding():
     assert torch.allclose(out.std(0), torch.ones(8), atol=1e-5)
     assert std.regions_mean.abs().max() < 5
     assert "standardize.level1_mean" in small("dove").state_dict()
+
+
+def test_concat_encodings_zero_pads_word_widths():
+    from rsitr.models.base import concat_encodings
+
+    g = torch.Generator().manual_seed(0)
+    a = {"emb": torch.randn(2, 4, generator=g), "lengths": torch.tensor([3, 1])}
+    b = {"emb": torch.randn(3, 4, generator=g), "lengths": torch.tensor([2, 2, 1])}
+    same = concat_encodings([a, b])  # equal trailing shapes: plain concatenation
+    assert torch.equal(same["emb"], torch.cat([a["emb"], b["emb"]]))
+    assert torch.equal(same["lengths"], torch.tensor([3, 1, 2, 2, 1]))  # 1-D tensors concatenate
+    narrow = {"words": torch.randn(2, 3, 5, generator=g), "mask": torch.ones(2, 3, dtype=torch.bool)}
+    wide = {"words": torch.randn(1, 7, 5, generator=g), "mask": torch.ones(1, 7, dtype=torch.bool)}
+    joined = concat_encodings([narrow, wide, narrow])
+    assert joined["words"].shape == (5, 7, 5) and joined["mask"].shape == (5, 7)
+    assert joined["words"].dtype == torch.float32 and joined["mask"].dtype == torch.bool
+    assert torch.equal(joined["words"][:2, :3], narrow["words"]) and torch.equal(joined["words"][2], wide["words"][0])
+    assert torch.equal(joined["words"][3:, :3], narrow["words"])
+    assert torch.all(joined["words"][:2, 3:] == 0) and torch.all(joined["words"][3:, 3:] == 0)
+    assert not joined["mask"][:2, 3:].any() and joined["mask"][2].all() and joined["mask"][:2, :3].all()
+    with pytest.raises(ValueError, match="words"):  # a mismatch beyond dimension 1 is an error
+        concat_encodings([narrow, {"words": torch.randn(1, 3, 6), "mask": torch.ones(1, 3, dtype=torch.bool)}])
+    with pytest.raises(ValueError, match="words"):  # so is a different number of dimensions
+        concat_encodings([narrow, {"words": torch.randn(1, 3), "mask": torch.ones(1, 3, dtype=torch.bool)}])

@@ -68,6 +68,9 @@ Choices where the paper is silent or ambiguous (each is a config field where it 
   attended vector is materialised; pairs are scored in tiles of ``pair_block`` pairs with captions
   sorted by length. A pair's score depends on that pair only; tiles change speed and memory, not
   results.
+* **Word width.** ``encode_text`` returns words as wide as the chunk's longest caption; chunk
+  encodings are joined by ``concat_encodings``, which zero-pads the word axis. Scoring takes every
+  caption's length from ``lengths`` and trims each tile to its longest caption.
 """
 
 from __future__ import annotations
@@ -111,7 +114,6 @@ class AcfConfig:
     filter_rule: str = "difference"  # Eq. 10: "difference" (max − α' < q, as printed) or "ratio" (α' ≥ q·max)
     filter_reweight: bool = True  # Eq. 11 as printed: kept weights times H(α') = α' before renormalising
     loss_reduction: str = "sum"  # triplet hinge summed over negatives ("sum") or hardest only ("hardest")
-    max_words: int = 48  # word slots of a text encoding (rsitr's default caption cut); longer captions are rejected
     pair_block: int = 1024  # (image, caption) pairs per scoring tile (memory and speed only)
 
     def __post_init__(self) -> None:
@@ -121,9 +123,8 @@ class AcfConfig:
             raise ValueError(f"loss_reduction must be 'sum' or 'hardest', got {self.loss_reduction!r}")
         if self.embed_dim % self.gat_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by gat_heads {self.gat_heads}")
-        for name in ("max_words", "pair_block"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pair_block < 1:
+            raise ValueError(f"pair_block must be >= 1, got {self.pair_block}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,15 +409,13 @@ class ACF(RetrievalModel):
         return {"regions": regions, "global": global_}
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor) -> Encoding:
-        """Words w_j padded with zeros to ``max_words`` (n, max_words, d), lengths, global T^(g) (n, d).
+        """Words w_j (n, L, d), zero past each caption, lengths, global T^(g) (n, d).
 
-        The fixed width lets caption chunks encoded separately be concatenated; scoring trims it.
+        L is the chunk's longest caption; chunks of different widths are joined by
+        ``concat_encodings``, which zero-pads the word axis.
         """
-        length = tokens.shape[1]
-        if length > self.config.max_words:
-            raise ValueError(f"captions of {length} tokens exceed acf max_words={self.config.max_words}; "
-                             "raise max_words")
-        embedded = self.word_embedding(tokens)
+        length = int(lengths.max())
+        embedded = self.word_embedding(tokens[:, :length])
         packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
         hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=length)
         d = self.config.embed_dim
@@ -426,7 +425,7 @@ class ACF(RetrievalModel):
             words = self.gat(words, mask)
         words = words * mask[..., None].to(words.dtype)
         return {
-            "words": F.pad(words, (0, 0, 0, self.config.max_words - length)),
+            "words": words,
             "lengths": lengths.to(words.device),
             "global": masked_mean(words, mask),  # Eq. 4
         }

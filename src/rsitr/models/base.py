@@ -49,8 +49,38 @@ def take_rows(encoding: Encoding, index: slice | torch.Tensor) -> Encoding:
 
 
 def concat_encodings(parts: list[Encoding]) -> Encoding:
-    """Concatenate encodings of consecutive chunks along the first dimension."""
-    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    """Concatenate encodings of consecutive chunks along the first dimension.
+
+    Word-level encodings may have a different width per chunk: a chunk's word tensor (n, L, ...)
+    is only as wide as that chunk's longest caption. Tensors of a key with at least two dimensions
+    that differ only in dimension 1 are therefore zero-padded along it to the widest part before
+    concatenation (False for bool tensors). The width of a joined word tensor thus says nothing
+    about any caption's length: models must take caption lengths from their own ``lengths`` entry
+    (or masks derived from it), never from the width. Any other shape mismatch is a ValueError.
+    """
+    return {key: _concat_key(key, [p[key] for p in parts]) for key in parts[0]}
+
+
+def _concat_key(key: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` of one key's tensors, zero-padding dimension 1 to the largest size when needed."""
+    shapes = [tuple(t.shape) for t in tensors]
+    first = shapes[0]
+    if all(shape == first for shape in shapes) or (len(first) == 1 and all(len(s) == 1 for s in shapes)):
+        return torch.cat(tensors)
+    if len(first) < 2 or any(len(s) != len(first) or s[2:] != first[2:] for s in shapes):
+        raise ValueError(f"cannot concatenate encodings of key {key!r}: shapes {shapes} may differ only in "
+                         "dimension 0 and, for tensors of two or more dimensions, dimension 1")
+    width = max(s[1] for s in shapes)
+    return torch.cat([_pad_dim1(t, width) for t in tensors])
+
+
+def _pad_dim1(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """``tensor`` with dimension 1 zero-padded at the end to ``width``."""
+    if tensor.shape[1] == width:
+        return tensor
+    out = tensor.new_zeros((tensor.shape[0], width, *tensor.shape[2:]))
+    out[:, : tensor.shape[1]] = tensor
+    return out
 
 
 class RetrievalModel(nn.Module):

@@ -46,10 +46,10 @@ Choices where the paper is silent or ambiguous (config fields where it matters):
   yet uses 64 features per image; 64 = 8 × 8 is the grid at Inception's native 299 px, so the
   model's feature spec asks for 299 px and the ``mixed_7c`` map pooled to 8 × 8.
 * **Padding.** Padded words get zero attention (i2t), do not enter the normalisation of Eq. 6
-  (t2i) and are left out of the mean of Eq. 17. ``encode_text`` pads every caption to
-  ``max_words`` positions so that encodings of caption chunks concatenate; scoring trims to the
-  longest caption present, so the padding costs memory only (max_words × D floats per caption,
-  393 KB at the defaults: 4.3 GB for RSICD's 10,920 test captions).
+  (t2i) and are left out of the mean of Eq. 17. ``encode_text`` returns words as wide as the
+  chunk's longest caption; chunk encodings are joined by ``concat_encodings``, which zero-pads the
+  word axis, and scoring takes every caption's length from ``lengths`` and trims to the longest
+  caption present.
 * **Input standardisation.** The cached grid features are standardised per channel with
   training-split statistics (one mean/std per channel over all cells of all training images,
   saved in the checkpoint) before the projection: frozen-CNN features of remote-sensing images are
@@ -98,7 +98,6 @@ class DsanConfig:
     gate: bool = True  # gated feature update (Eq. 9–11, 14–16); False = "without gate" ablation SAM-6
     sim_norm: str = "query"  # axis of Eq. 6: query = the attending side (mirror of Eq. 6 in t2i), regions = Eq. 6 verbatim
     margin: float = 0.2  # β of Eq. 18
-    max_words: int = 48  # word positions of a text encoding; keep >= the run's text.max_length
     tile_elements: int = 1 << 26  # floats in the largest temporary of a scoring tile (memory and speed only)
 
     def __post_init__(self) -> None:
@@ -106,7 +105,7 @@ class DsanConfig:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.sim_norm not in SIM_NORMS:
             raise ValueError(f"sim_norm must be one of {SIM_NORMS}, got {self.sim_norm!r}")
-        for name in ("embed_dim", "word_dim", "max_words", "tile_elements"):
+        for name in ("embed_dim", "word_dim", "tile_elements"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 
@@ -331,14 +330,12 @@ class DSAN(RetrievalModel):
         return {"regions": self.visual(self.standardize(GRID_KEY, cells))}
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor) -> Encoding:
-        """``words``: (n, max_words, D) word features t_j (Eq. 3), zero past each caption; ``lengths``: (n,)."""
+        """``words``: (n, L, D) word features t_j (Eq. 3), L the chunk's longest caption, zero past each
+        caption; ``lengths``: (n,)."""
         longest = int(lengths.max())
-        if longest > self.config.max_words:
-            raise ValueError(f"a caption has {longest} tokens but dsan max_words is {self.config.max_words}; "
-                             "raise max_words to at least the run's text.max_length")
         embedded = self.word_embedding(tokens[:, :longest])
         packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=self.config.max_words)
+        hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=longest)
         d = self.config.embed_dim
         words = (hidden[..., :d] + hidden[..., d:]) / 2  # Eq. 3
         return {"words": words, "lengths": lengths.to(words.device)}

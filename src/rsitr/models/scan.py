@@ -47,9 +47,9 @@ Choices where the paper is silent or ambiguous (config fields where it matters):
   R = (q · a_q) / ‖a_q‖ (‖a_q‖ clamped at 1e-8). The cosines of a block of images and captions
   come from one matrix product, processed ``pair_block`` pairs at a time to bound memory; tiles
   change speed and memory only, never the scores.
-* **Word encodings** are padded to ``max_words`` positions so that caption chunks encoded
-  separately concatenate; scoring trims them to the longest caption of the block. Captions longer
-  than ``max_words`` are rejected with an error (keep it at least the text ``max_length``).
+* **Word encodings** are as wide as the longest caption of the encoded chunk; chunk encodings
+  are joined by ``concat_encodings``, which zero-pads the word axis. Scoring takes every caption's
+  length from ``lengths`` and trims each tile to its longest caption, so the width never matters.
 * **Initialisation, loss reduction, training settings**: as for VSE++ (``rsitr.models.vsepp``):
   Xavier-uniform region projection, uniform(-0.1, 0.1) word table, hinges averaged over the
   positive pairs (the paper sums them), captions of one image never negatives of each other;
@@ -92,14 +92,13 @@ class ScanConfig:
     lambda_lse: float = 6.0  # λ2 of LogSumExp pooling (t2i: 6, i2t: 5)
     margin: float = 0.2  # α of the triplet loss
     hardest_negative: bool = True  # True: hardest negative in the batch (SCAN); False: sum over negatives
-    max_words: int = 48  # word positions kept in a caption encoding (longer captions are an error)
     pair_block: int = 8192  # (image, caption) pairs scored per tile (speed and memory only)
 
     def __post_init__(self) -> None:
         for name, allowed in (("direction", DIRECTIONS), ("attention_norm", ATTENTION_NORMS), ("aggregation", AGGREGATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("max_words", "pair_block", "gru_layers"):
+        for name in ("pair_block", "gru_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -180,13 +179,11 @@ class SCAN(RetrievalModel):
         return {"regions": regions * mask[..., None].to(regions.dtype), "region_mask": mask}
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor) -> Encoding:
-        """Unit-norm word vectors e_j padded to ``max_words`` positions (zero beyond the length)."""
-        max_words = self.config.max_words
-        if tokens.shape[1] > max_words:
-            raise ValueError(f"SCAN: captions of {tokens.shape[1]} tokens exceed max_words={max_words}; raise max_words")
+        """Unit-norm word vectors e_j (n, L, d), L the chunk's longest caption (zero beyond each length)."""
+        tokens = tokens[:, : int(lengths.max())]
         words, _ = run_gru(self.gru, self.word_embedding(tokens), lengths)
         words = F.normalize(words, dim=-1)  # padded positions are zero and stay zero
-        return {"words": F.pad(words, (0, 0, 0, max_words - words.shape[1])), "lengths": lengths}
+        return {"words": words, "lengths": lengths}
 
     def similarity(self, images: Encoding, texts: Encoding) -> torch.Tensor:
         """S(image, caption) for every pair, scored in tiles of about ``pair_block`` pairs."""
