@@ -55,3 +55,25 @@ def test_pretrain_command_errors_in_one_line(tmp_path, capsys) -> None:
     assert main(["pretrain", str(empty), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rsitr: error:") and str(empty) in err and "\n" not in err
+
+
+def test_salient_command_draws_amfmn_masks(tiny_synth, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    code = main(["--quiet", "train", "--dataset", str(tiny_synth), "--model", "amfmn-sim", "--epochs", "1",
+                 "--batch-size", "20", "--cache-dir", str(tmp_path / "cache"), "--set", "features.image_size=64",
+                 "--set", "model.params.embed_dim=32", "--set", "model.params.word_dim=16", "--out", str(run)])
+    assert code == 0
+    out = tmp_path / "masks.png"
+    assert main(["--quiet", "salient", str(run), "--split", "test", "--count", "3", "--out", str(out)]) == 0
+    assert out.stat().st_size > 5000
+    capsys.readouterr()
+
+
+def test_salient_command_needs_an_amfmn_run(tiny_synth, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["--quiet", "train", "--dataset", str(tiny_synth), "--model", "dove-s", "--epochs", "1",
+                 "--cache-dir", str(tmp_path / "cache"), "--set", "features.image_size=64",
+                 "--set", "model.params.embed_dim=32", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["--quiet", "salient", str(run), "--out", str(tmp_path / "m.png")]) == 2
+    assert "no salient mask" in capsys.readouterr().err

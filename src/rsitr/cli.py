@@ -29,6 +29,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detections", help="detections json giving the region boxes")
     parser.add_argument("--glove", help="GloVe vectors text file for the word embedding")
     parser.add_argument("--cache-dir", help="feature cache folder")
+    parser.add_argument("--train-backbone", action="store_true", default=None,
+                        help="train the backbone end to end with the model (sets train.train_backbone; slower, augments images)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field")
 
 
@@ -38,6 +40,7 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
         ("model.name", args.model), ("train.epochs", args.epochs), ("train.batch_size", args.batch_size),
         ("train.seed", args.seed), ("features.backbone_weights", args.backbone_weights),
         ("features.detections", args.detections), ("text.glove", args.glove), ("features.cache_dir", args.cache_dir),
+        ("train.train_backbone", True if args.train_backbone else None),
     ]
     return [f"{key}={json.dumps(value) if isinstance(value, str) else value}" for key, value in pairs if value is not None] + list(args.set)
 
@@ -53,15 +56,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_run(run_dir: str | Path, split: str, batch_size: int, json_path: str | Path | None, progress: bool = True) -> dict:
-    """Evaluate a run directory on ``split``; print the table with chance beside it; write JSON."""
+def evaluate_run(run_dir: str | Path, split: str, batch_size: int, json_path: str | Path | None, progress: bool = True,
+                 precision: str | None = None) -> dict:
+    """Evaluate a run directory on ``split``; print the table with chance beside it; write JSON.
+
+    ``precision`` (``"fp32"`` or ``"bf16"``) overrides the run's ``train.precision``.
+    """
     from rsitr.evaluation import chance_metrics, format_table
     from rsitr.io import write_json
     from rsitr.training import evaluate_split, load_run
 
     model, prepared = load_run(run_dir, progress=progress)
+    precision = precision or prepared.config.train.precision
     started = time.perf_counter()
-    metrics, sims, data = evaluate_split(model, prepared, split, batch_size, progress=progress)
+    metrics, sims, data = evaluate_split(model, prepared, split, batch_size, progress=progress, precision=precision)
     seconds = time.perf_counter() - started
     chance = chance_metrics(len(data.image_ids), data.caption_local_image)
     print(format_table(metrics, chance, title=f"{prepared.spec.name} on {prepared.dataset.name} {split}: "
@@ -69,13 +77,13 @@ def evaluate_run(run_dir: str | Path, split: str, batch_size: int, json_path: st
     print(f"scored {sims.numel():,} pairs in {seconds:.2f} s")
     result = {"model": prepared.spec.name, "dataset": prepared.dataset.name, "split": split,
               "n_images": len(data.image_ids), "n_captions": int(len(data.lengths)), "metrics": metrics,
-              "chance": chance, "seconds": round(seconds, 3)}
+              "chance": chance, "precision": precision, "seconds": round(seconds, 3)}
     write_json(json_path or Path(run_dir) / f"eval_{split}.json", result)
     return result
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    evaluate_run(args.run_dir, args.split, args.batch_size, args.json, progress=not args.quiet)
+    evaluate_run(args.run_dir, args.split, args.batch_size, args.json, progress=not args.quiet, precision=args.precision)
     return 0
 
 
@@ -221,6 +229,30 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_salient(args: argparse.Namespace) -> int:
+    """AMFMN's Fig. 10: images of a split with the MVSA salient mask of a trained run."""
+    import numpy as np
+    import torch
+
+    from rsitr.data.images import read_image
+    from rsitr.training import load_run, split_image_features
+
+    model, prepared = load_run(args.run_dir, progress=not args.quiet)
+    if not hasattr(model, "salient_mask"):
+        raise ConfigError(f"{args.run_dir}: model {prepared.spec.name!r} has no salient mask (an AMFMN run is needed)")
+    image_ids = prepared.dataset.split_indices(args.split)[: args.count]
+    features = split_image_features(prepared, torch.tensor(image_ids), "fp32", progress=not args.quiet)
+    with torch.no_grad():
+        masks = model.salient_mask(features)
+    images = [np.asarray(read_image(prepared.dataset.image_path(i))) for i in image_ids]
+    titles = [prepared.dataset.image_files[i] for i in image_ids]
+    from rsitr.models.amfmn import plot_salient_masks
+
+    path = plot_salient_masks(images, masks, args.out, titles=titles)
+    print(f"written {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsitr", description="Remote-sensing image-text retrieval")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -269,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", help="val or test (default test)")
     ev.add_argument("--batch-size", type=int, default=256, help="encoding chunk; results do not depend on it")
     ev.add_argument("--json", help="where to write the metrics (default RUN_DIR/eval_SPLIT.json)")
+    ev.add_argument("--precision", choices=["fp32", "bf16"], help="model (and trained backbone) precision; default: the run's train.precision")
     ev.set_defaults(func=cmd_evaluate)
 
     bench = sub.add_parser("benchmark", help="train and evaluate several models on one dataset; one table, mean ± std over seeds")
@@ -304,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--train-split", default="train", help="for a retrieval dataset: the split whose labels train")
     pre.add_argument("--val-split", default="val", help="for a retrieval dataset: the split that validates")
     pre.set_defaults(func=cmd_pretrain)
+
+    salient = sub.add_parser("salient", help="AMFMN salient masks (Fig. 10) of a trained run over images of a split")
+    salient.add_argument("run_dir")
+    salient.add_argument("--split", default="val")
+    salient.add_argument("--count", type=int, default=6, help="number of images (the split's first ones)")
+    salient.add_argument("--out", default="salient_masks.png")
+    salient.set_defaults(func=cmd_salient)
 
     models = sub.add_parser("models", help="list registered models")
     models.set_defaults(func=cmd_models)

@@ -6,7 +6,7 @@ A run's config has five sections, each a dataclass with one comment per field::
     features: the frozen backbone's inputs and the feature cache
     model:    the registered model name (or a YAML path) and parameter overrides
     text:     vocabulary and word vectors
-    train:    optimisation and the evaluation batch size
+    train:    optimisation, precision, end-to-end backbone training and the evaluation batch size
 
 Unknown keys are errors (a key that does nothing is a trap), and the YAML is read with
 ``yaml.safe_load``.
@@ -15,6 +15,7 @@ Unknown keys are errors (a key that does nothing is a trap), and the YAML is rea
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,9 @@ from typing import Any
 import yaml
 
 from rsitr.errors import ConfigError
+
+#: Accepted values of ``train.precision``.
+TRAIN_PRECISIONS = ("fp32", "bf16")
 
 
 def default_cache_dir() -> str:
@@ -80,6 +84,44 @@ class TrainConfig:
     seed: int = 0  # seeds initialisation and batch order
     eval_batch_size: int = 256  # items per encoding chunk at validation (results do not depend on it)
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    precision: str = "fp32"  # fp32 | bf16: CPU bf16 autocast of the model's forward (training, validation); weights stay fp32
+    train_backbone: bool = False  # train the backbone with the model (end to end) instead of reading cached features
+    backbone_lr: float | None = None  # backbone's Adam learning rate (train_backbone); None = 0.1 × lr, gentle on pretrained weights
+    augment: bool | None = None  # augment training images (flips, 90° turns, crop, colour); None = exactly when train_backbone
+
+    def __post_init__(self) -> None:
+        """One-line ConfigErrors for settings that cannot work (the older fields keep their free form)."""
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.train_backbone, bool):
+            raise ConfigError(f"train.train_backbone must be true or false, got {self.train_backbone!r}")
+        if self.augment is not None and not isinstance(self.augment, bool):
+            raise ConfigError(f"train.augment must be true, false or null, got {self.augment!r}")
+        if self.augment and not self.train_backbone:
+            raise ConfigError("train.augment needs train.train_backbone: cached features of a frozen backbone cannot be augmented")
+        if self.backbone_lr is not None:
+            self.backbone_lr = _positive_float(self.backbone_lr, "train.backbone_lr", "or null for 0.1 × lr")
+
+    @property
+    def effective_backbone_lr(self) -> float:
+        """The backbone's learning rate: ``backbone_lr``, else a tenth of ``lr``."""
+        return float(self.backbone_lr) if self.backbone_lr is not None else 0.1 * self.lr
+
+    @property
+    def effective_augment(self) -> bool:
+        """Whether training images are augmented: ``augment``, else exactly when the backbone trains."""
+        return self.train_backbone if self.augment is None else bool(self.augment)
+
+
+def _positive_float(value: Any, name: str, hint: str = "") -> float:
+    """``value`` as a float > 0; YAML reads ``1e-5`` (no dot) as a string, so numeric strings count."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not number > 0:
+        raise ConfigError(f"{name} must be a number > 0{f' ({hint})' if hint else ''}, got {value!r}")
+    return number
 
 
 @dataclass

@@ -19,6 +19,7 @@ the reference rank; with ties it can only be worse, never better.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -157,6 +158,17 @@ SCORE_IMAGE_BLOCK = 128
 SCORE_CAPTION_BLOCK = 4096
 
 
+#: Accepted values of ``compute_similarity``'s ``precision``.
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager[object]:
+    """CPU bfloat16 autocast for ``"bf16"``, nothing for ``"fp32"``; ValueError for anything else."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def compute_similarity(
     model,
@@ -166,12 +178,15 @@ def compute_similarity(
     batch_size: int = 256,
     progress: bool = True,
     text_extras: dict[str, torch.Tensor] | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """Score every image against every caption: (n_images, n_captions).
+    """Score every image against every caption: (n_images, n_captions), float32.
 
     Each side is encoded once in chunks of ``batch_size`` (encodings depend on one item only), then
     the pairs are scored block by block. Nothing here looks at which caption belongs to which image.
     ``text_extras`` are the model's extra text inputs (e.g. keyword tokens), row-aligned with ``tokens``.
+    ``precision="bf16"`` runs encoding and scoring under CPU bfloat16 autocast (about twice as fast
+    on CPUs with bf16 instructions); the scores are returned as float32 either way.
     """
     from tqdm.auto import tqdm
 
@@ -180,17 +195,19 @@ def compute_similarity(
     model.eval()
     n_images = next(iter(image_features.values())).shape[0]
     n_captions = tokens.shape[0]
-    images = concat_encodings([
-        model.encode_image(take_rows(image_features, slice(i, i + batch_size))) for i in range(0, n_images, batch_size)
-    ])
-    texts = []
-    for c in range(0, n_captions, batch_size):
-        chunk_lengths = lengths[c : c + batch_size]
-        extras = {name: value[c : c + batch_size] for name, value in (text_extras or {}).items()}
-        texts.append(model.encode_text(tokens[c : c + batch_size, : int(chunk_lengths.max())], chunk_lengths, **extras))
-    text_encoding = concat_encodings(texts)
-    with tqdm(total=n_images * n_captions, desc="scoring pairs", unit="pair", unit_scale=True, disable=not progress, leave=False) as bar:
-        return blockwise_similarity(
-            lambda rows, cols: model.similarity(take_rows(images, rows), take_rows(text_encoding, cols)),
-            n_images, n_captions, SCORE_IMAGE_BLOCK, SCORE_CAPTION_BLOCK, progress=bar.update,
-        )
+    with autocast(precision):
+        images = concat_encodings([
+            model.encode_image(take_rows(image_features, slice(i, i + batch_size))) for i in range(0, n_images, batch_size)
+        ])
+        texts = []
+        for c in range(0, n_captions, batch_size):
+            chunk_lengths = lengths[c : c + batch_size]
+            extras = {name: value[c : c + batch_size] for name, value in (text_extras or {}).items()}
+            texts.append(model.encode_text(tokens[c : c + batch_size, : int(chunk_lengths.max())], chunk_lengths, **extras))
+        text_encoding = concat_encodings(texts)
+        with tqdm(total=n_images * n_captions, desc="scoring pairs", unit="pair", unit_scale=True, disable=not progress,
+                  leave=False) as bar:
+            return blockwise_similarity(
+                lambda rows, cols: model.similarity(take_rows(images, rows), take_rows(text_encoding, cols)),
+                n_images, n_captions, SCORE_IMAGE_BLOCK, SCORE_CAPTION_BLOCK, progress=bar.update,
+            )

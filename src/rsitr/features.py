@@ -17,6 +17,9 @@ cached. Per image this module stores:
   node graph are all such maps. ``num_regions=0`` skips the region features when a model has no
   use for them (their tensors then have zero width).
 
+:func:`backbone_features` is the computation itself; the cache runs it without gradients and
+end-to-end training (:mod:`rsitr.training`) runs it with them, so both see the same features.
+
 The cache file ``{dataset}-{backbone}-{key[:16]}.safetensors`` is keyed by a digest of everything
 that changes the features (:meth:`FeatureSpec.cache_key`), and its metadata repeats the key and
 the image list; a file whose metadata does not match is recomputed, never reused.
@@ -395,24 +398,50 @@ def _precision_context(precision: str) -> contextlib.AbstractContextManager[obje
     return contextlib.nullcontext()
 
 
-def _compute_batch(model: Backbone, batch: _Batch, spec: FeatureSpec) -> dict[str, Tensor]:
-    """Pooled levels and region features of one batch (float32 out, whatever the precision)."""
-    images = batch.images.contiguous(memory_format=torch.channels_last)
-    with _precision_context(spec.precision):
+def backbone_features(model: Backbone, images: Tensor, boxes: Tensor, mask: Tensor, spec: FeatureSpec,
+                      precision: str | None = None) -> dict[str, Tensor]:
+    """The features of a batch of images, as :meth:`ImageFeatures.select` returns cached ones.
+
+    This is the one feature computation: the cache runs it under :func:`torch.inference_mode`
+    with a frozen backbone, and end-to-end training runs it with gradients, so a trained
+    backbone's features are by construction what the cache would hold for it.
+
+    Args:
+        model: the backbone (its mode and ``requires_grad`` are the caller's business).
+        images: (B, 3, S, S) ImageNet-normalised float images.
+        boxes: (B, N_r, 4) region boxes in image pixels (as :func:`rsitr.detections.select_boxes` gives).
+        mask: (B, N_r) bool, False for padding boxes (their features are zero).
+        spec: which levels, maps and regions to compute.
+        precision: ``"fp32"`` or ``"bf16"`` (CPU autocast of the backbone only); None = ``spec.precision``.
+
+    Returns:
+        float32 ``level1`` .. ``level4`` (B, C_l), ``map_<level>`` (B, C, s, s) for ``spec.maps``,
+        ``regions`` (B, N_r, C_region) (zero width when ``num_regions`` is 0), and ``region_mask``
+        and ``region_boxes`` as given.
+    """
+    images = images.contiguous(memory_format=torch.channels_last)
+    with _precision_context(precision or spec.precision):
         levels = model.forward_levels(images)
     levels = [lvl.float() for lvl in levels]
     out = {key: lvl.mean(dim=(2, 3)) for key, lvl in zip(LEVEL_KEYS, levels)}
     names = backbone_info(spec.backbone).level_names
     for level, size in parse_maps(spec.maps, spec.backbone):
         out[f"{MAP_PREFIX}{level}"] = F.adaptive_avg_pool2d(levels[names.index(level)], size)
-    if spec.num_regions == 0:
-        return out
     level_index = names.index(spec.region_level)
-    scale = 1.0 / model.level_strides[level_index]
-    pooled = roi_align(levels[level_index], batch.boxes, scale, spec.roi_output_size, sampling_ratio=2)
-    # Padding boxes (mask False) get zero features rather than whatever a zero box samples.
-    out["regions"] = pooled.mean(dim=(3, 4)) * batch.mask.unsqueeze(-1).to(torch.float32)
+    if spec.num_regions == 0:
+        out["regions"] = levels[level_index].new_zeros(images.shape[0], 0, levels[level_index].shape[1])
+    else:
+        scale = 1.0 / model.level_strides[level_index]
+        pooled = roi_align(levels[level_index], boxes, scale, spec.roi_output_size, sampling_ratio=2)
+        # Padding boxes (mask False) get zero features rather than whatever a zero box samples.
+        out["regions"] = pooled.mean(dim=(3, 4)) * mask.unsqueeze(-1).to(torch.float32)
+    out["region_mask"], out["region_boxes"] = mask, boxes
     return out
+
+
+def _compute_batch(model: Backbone, batch: _Batch, spec: FeatureSpec) -> dict[str, Tensor]:
+    """Pooled levels and region features of one loaded batch (float32 out, whatever the precision)."""
+    return backbone_features(model, batch.images, batch.boxes, batch.mask, spec)
 
 
 def _allocate(n: int, spec: FeatureSpec) -> dict[str, Tensor]:
@@ -490,6 +519,7 @@ __all__ = [
     "PRECISIONS",
     "TENSOR_KEYS",
     "FeatureSpec",
+    "backbone_features",
     "ImageFeatures",
     "compute_features",
     "extract_features",
