@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import rsitr.training as training
+from rsitr import training
 from rsitr.augment import AugmentConfig, sample_geometry, warp
 from rsitr.backbones import create_backbone
 from rsitr.cli import evaluate_run, main

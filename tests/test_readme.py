@@ -16,7 +16,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def _blocks(language: str) -> list[str]:
     section = README.read_text(encoding="utf-8").split("## Adding a model", 1)[1].split("\n## ", 1)[0]
-    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
+    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.DOTALL)
 
 
 def test_readme_model_example_trains(tmp_path) -> None:

@@ -40,7 +40,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_synth, tmp_path, monke
     straight = tmp_path / "straight"
     train(tiny_config(tiny_synth, cache, epochs=2), straight, progress=False, log=lambda *_: None)
 
-    import rsitr.training as training
+    from rsitr import training
 
     original = training._train_epoch
     calls = {"n": 0}

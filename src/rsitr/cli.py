@@ -76,7 +76,7 @@ def evaluate_run(run_dir: str | Path, split: str, batch_size: int, json_path: st
                        f"{len(data.image_ids)} images, {len(data.lengths)} captions"))
     print(f"scored {sims.numel():,} pairs in {seconds:.2f} s")
     result = {"model": prepared.spec.name, "dataset": prepared.dataset.name, "split": split,
-              "n_images": len(data.image_ids), "n_captions": int(len(data.lengths)), "metrics": metrics,
+              "n_images": len(data.image_ids), "n_captions": len(data.lengths), "metrics": metrics,
               "chance": chance, "precision": precision, "seconds": round(seconds, 3)}
     write_json(json_path or Path(run_dir) / f"eval_{split}.json", result)
     return result

@@ -192,3 +192,26 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
     node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def read_named_yaml(name: str | Path, folder, kind: str, available, error: type[Exception] = ConfigError) -> tuple[dict[str, Any], str]:
+    """A user's YAML file given by path, or the shipped ``folder/<name>.yaml``; returns (data, label).
+
+    ``folder`` is a :mod:`importlib.resources` traversable, ``available`` a callable listing the
+    shipped names for the error message, ``kind`` the word used in it ("model", "study").
+    """
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        text, label = path.read_text(encoding="utf-8"), path.stem
+    else:
+        resource = folder / f"{name}.yaml"
+        if not resource.is_file():
+            raise error(f"unknown {kind} {str(name)!r}; available: {', '.join(available())}")
+        text, label = resource.read_text(encoding="utf-8"), str(name)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{name}: not valid YAML ({exc.__class__.__name__})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: a {kind} config must be a mapping")
+    return data, label

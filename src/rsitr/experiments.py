@@ -290,15 +290,9 @@ def load_study(name: str | Path) -> Study:
             params: {dtga: ff}    # model parameters
             train: {batch_size: 64} # training overrides (optional)
     """
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        text, label = path.read_text(encoding="utf-8"), path.stem
-    else:
-        resource = _studies_dir() / f"{name}.yaml"
-        if not resource.is_file():
-            raise ConfigError(f"unknown study {str(name)!r}; available: {', '.join(list_studies())}")
-        text, label = resource.read_text(encoding="utf-8"), str(name)
-    data = yaml.safe_load(text) or {}
+    from rsitr.config import read_named_yaml
+
+    data, label = read_named_yaml(name, _studies_dir(), "study", list_studies)
     unknown = sorted(set(data) - {"title", "model", "rows", "sweep", "log_x"})
     if unknown or "rows" not in data or "model" not in data:
         raise ConfigError(f"study {label!r}: needs 'model' and 'rows' (unknown fields: {', '.join(unknown) or 'none'})")

@@ -313,7 +313,7 @@ def load_features(path: str | Path) -> ImageFeatures:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             metadata = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable cache file
+    except Exception as exc:
         raise CheckpointError(path, f"cannot read features file ({exc.__class__.__name__})") from exc
     if metadata.get("format") != FEATURES_FORMAT:
         raise CheckpointError(path, f"not an rsitr features file (format {metadata.get('format')!r})")
@@ -519,13 +519,13 @@ __all__ = [
     "PRECISIONS",
     "TENSOR_KEYS",
     "FeatureSpec",
-    "backbone_features",
     "ImageFeatures",
+    "backbone_features",
     "compute_features",
     "extract_features",
     "feature_dims",
-    "parse_maps",
     "file_sha256",
     "load_features",
+    "parse_maps",
     "save_features",
 ]

@@ -109,14 +109,7 @@ def encode_batch(vocab: Vocabulary, texts: Sequence[str], max_length: int | None
 #: Function words dropped when keywords are taken from a sentence (AMFMN, Sec. IV-B: "we filter
 #: the keywords in sentence"): articles, auxiliaries, pronouns, conjunctions and prepositions, so
 #: that what remains are the content words (objects, attributes, counts) a keyword list holds.
-STOP_WORDS = frozenset("""
-a an the this that these those there here it its they them their some any each every
-is are was were be been being am has have had do does did can could will would may might shall should
-and or but nor so as than then also very too not no
-of in on at to from by with without for into onto over under above below near nearby beside besides next
-between among around along across behind through inside outside up down off out about against toward towards
-while where which who whom whose what when how
-""".split())
+STOP_WORDS = frozenset(["a", "an", "the", "this", "that", "these", "those", "there", "here", "it", "its", "they", "them", "their", "some", "any", "each", "every", "is", "are", "was", "were", "be", "been", "being", "am", "has", "have", "had", "do", "does", "did", "can", "could", "will", "would", "may", "might", "shall", "should", "and", "or", "but", "nor", "so", "as", "than", "then", "also", "very", "too", "not", "no", "of", "in", "on", "at", "to", "from", "by", "with", "without", "for", "into", "onto", "over", "under", "above", "below", "near", "nearby", "beside", "besides", "next", "between", "among", "around", "along", "across", "behind", "through", "inside", "outside", "up", "down", "off", "out", "about", "against", "toward", "towards", "while", "where", "which", "who", "whom", "whose", "what", "when", "how"])
 
 
 def sentence_keywords(text: str) -> list[str]:

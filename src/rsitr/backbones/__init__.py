@@ -84,7 +84,7 @@ def _read_state_dict(path: Path) -> object:
 
             return load_file(str(path), device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means an unusable file
+    except Exception as exc:
         detail = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
         raise CheckpointError(path, f"cannot read backbone weights ({exc.__class__.__name__}: {detail})") from exc
 

@@ -78,7 +78,7 @@ class Bottleneck(nn.Module):
 class ResNet(Backbone):
     """torchvision-compatible ResNet: stem, four stages, global pool, ``fc`` classifier."""
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], num_classes: int = 1000,
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 1000,
                  name: str = "resnet") -> None:
         super().__init__()
         self.name = name
@@ -98,7 +98,7 @@ class ResNet(Backbone):
         self.num_features = 512 * block.expansion
         self._init_weights()
 
-    def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], width: int, blocks: int,
+    def _make_layer(self, block: type[BasicBlock | Bottleneck], width: int, blocks: int,
                     stride: int) -> nn.Sequential:
         """One stage; its first block projects the shortcut when shape changes (``downsample``)."""
         out_ch = width * block.expansion

@@ -49,7 +49,15 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rsitr.losses import same_image_mask, triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel
-from rsitr.models.layers import FeatureStandardizer, GatedSelfAttention, ResidualMLP, cosine_matrix, length_mask, make_head, masked_mean
+from rsitr.models.layers import (
+    FeatureStandardizer,
+    GatedSelfAttention,
+    ResidualMLP,
+    cosine_matrix,
+    length_mask,
+    make_head,
+    masked_mean,
+)
 from rsitr.models.registry import register_architecture
 
 DTGA_INPUTS = ("fb", "ff", "bb", "mean", "none")

@@ -27,8 +27,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rsitr.errors import ConfigError, UnknownModelError
 from rsitr.models.base import RetrievalModel
 
@@ -89,15 +87,9 @@ def list_models() -> list[str]:
 
 
 def _read_model_yaml(name: str | Path) -> tuple[dict[str, Any], str]:
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        text, label = path.read_text(encoding="utf-8"), path.stem
-    else:
-        resource = _config_dir() / f"{name}.yaml"
-        if not resource.is_file():
-            raise UnknownModelError(f"unknown model {str(name)!r}; available: {', '.join(list_models())}")
-        text, label = resource.read_text(encoding="utf-8"), str(name)
-    return yaml.safe_load(text) or {}, label
+    from rsitr.config import read_named_yaml
+
+    return read_named_yaml(name, _config_dir(), "model", list_models, UnknownModelError)
 
 
 def get_model_reference(name: str | Path) -> dict[str, Any]:

@@ -65,11 +65,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rsitr.losses import same_image_mask, triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel
 from rsitr.models.layers import FeatureStandardizer, length_mask
 from rsitr.models.registry import register_architecture
-from rsitr.models.vsepp import init_projection, init_word_embedding, run_gru
+from rsitr.models.vsepp import init_projection, init_word_embedding, run_gru, vse_ranking_loss
 
 DIRECTIONS = ("t2i", "i2t")
 ATTENTION_NORMS = ("clipped_l2norm", "relu_l2norm", "none")
@@ -229,8 +228,7 @@ class SCAN(RetrievalModel):
 
     def ranking_loss(self, sims: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
         """Hardest-negative (or summed) triplet loss of a (B, B) score matrix with positives on the diagonal."""
-        reduction = "hardest" if self.config.hardest_negative else "sum"
-        return triplet_ranking_loss(sims, same_image_mask(image_ids), self.config.margin, reduction=reduction)
+        return vse_ranking_loss(sims, image_ids, self.config.margin, self.config.hardest_negative)
 
     def training_loss(self, features, tokens, lengths, image_ids, caption_ids=None, **extras) -> dict[str, torch.Tensor]:
         sims = self.similarity(self.encode_image(features), self.encode_text(tokens, lengths))

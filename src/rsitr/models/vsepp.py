@@ -110,6 +110,11 @@ def run_gru(gru: nn.GRU, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple
     return words, final
 
 
+def vse_ranking_loss(sims: torch.Tensor, image_ids: torch.Tensor, margin: float, hardest: bool) -> torch.Tensor:
+    """VSE++'s ℓ_MH (hardest negative) or ℓ_SH (summed hinges), captions of one image never negatives."""
+    return triplet_ranking_loss(sims, same_image_mask(image_ids), margin, reduction="hardest" if hardest else "sum")
+
+
 @register_architecture("vsepp", VseppConfig)
 class VSEPP(RetrievalModel):
     """VSE++ over the cached global feature ``level4``: separable, cosine-scored."""
@@ -144,8 +149,7 @@ class VSEPP(RetrievalModel):
 
     def ranking_loss(self, sims: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
         """ℓ_MH (or ℓ_SH) of a (B, B) score matrix whose diagonal holds the positive pairs."""
-        reduction = "hardest" if self.config.hardest_negative else "sum"
-        return triplet_ranking_loss(sims, same_image_mask(image_ids), self.config.margin, reduction=reduction)
+        return vse_ranking_loss(sims, image_ids, self.config.margin, self.config.hardest_negative)
 
     def training_loss(self, features, tokens, lengths, image_ids, caption_ids=None, **extras) -> dict[str, torch.Tensor]:
         sims = self.similarity(self.encode_image(features), self.encode_text(tokens, lengths))
