@@ -96,7 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     data_dir = out / "data"
     if not (data_dir / "dataset_synth.json").is_file():
-        generate_synthetic(data_dir, num_images=args.num_images, image_size=128, seed=0)
+        generate_synthetic(data_dir, num_images=args.num_images, image_size=128, seed=0, progress=not args.quiet)
     config_file = resources.files("rsitr") / "run_configs" / "demo.yaml"
     overrides = [f"data.path={json.dumps(str(data_dir / 'dataset_synth.json'))}",
                  f"features.detections={json.dumps(str(data_dir / 'detections.json'))}",
