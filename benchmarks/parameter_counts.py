@@ -20,9 +20,7 @@ from rsitr.text import Vocabulary
 
 
 def feature_spec(spec) -> FeatureSpec:
-    values = dict(spec.features)
-    values["maps"] = tuple(values.get("maps") or ())
-    return FeatureSpec(backbone=spec.backbone, **values)
+    return FeatureSpec(backbone=spec.backbone, **spec.features)
 
 
 def main() -> None:

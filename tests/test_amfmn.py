@@ -8,11 +8,11 @@ import torch
 from torch.nn import functional as F
 
 from rsitr.errors import ConfigError
+from rsitr.losses import triplet_ranking_loss
 from rsitr.models import create_model, get_model_spec
 from rsitr.models.amfmn import (
     dynamic_margin,
     plot_salient_masks,
-    triplet_loss_with_margins,
 )
 from rsitr.models.base import TrainingCorpus, take_rows
 from rsitr.models.registry import ModelSpec
@@ -256,7 +256,7 @@ def test_pair_margins_and_loss_use_the_prior_of_each_pair():
             if i != j:
                 by_hand += max(0.0, margins[i, j].item() - sims[i, i].item() + sims[i, j].item())  # caption retrieval
                 by_hand += max(0.0, margins[i, j].item() - sims[j, j].item() + sims[i, j].item())  # image retrieval
-    assert triplet_loss_with_margins(sims, same, margins).item() == pytest.approx(by_hand / 3, abs=1e-6)
+    assert triplet_ranking_loss(sims, same, margins).item() == pytest.approx(by_hand / 3, abs=1e-6)
     assert model.pair_margins(image_ids, None).eq(0.6).all()  # no caption ids: fixed margin
 
 

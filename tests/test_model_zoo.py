@@ -28,9 +28,7 @@ def _small_overrides(spec: ModelSpec) -> dict:
 
 
 def _dims(spec: ModelSpec) -> dict:
-    values = dict(spec.features)
-    values["maps"] = tuple(values.get("maps") or ())
-    dims = feature_dims(FeatureSpec(backbone=spec.backbone, **values))
+    dims = feature_dims(FeatureSpec(backbone=spec.backbone, **spec.features))
     dims["num_regions"] = 5
     return dims
 

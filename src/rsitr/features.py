@@ -123,10 +123,7 @@ class FeatureSpec:
     def from_dict(cls, data: dict[str, object]) -> FeatureSpec:
         """Inverse of :meth:`to_dict`; unknown keys are ignored."""
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        if "maps" in values:
-            values["maps"] = tuple(values["maps"] or ())
-        return cls(**values)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def cache_key(self, dataset: RetrievalDataset) -> str:
         """SHA-256 hex digest of everything that changes the features of ``dataset``.

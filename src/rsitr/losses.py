@@ -18,7 +18,7 @@ def same_image_mask(image_ids: torch.Tensor) -> torch.Tensor:
 def triplet_ranking_loss(
     sims: torch.Tensor,
     same_image: torch.Tensor,
-    margin: float = 0.2,
+    margin: float | torch.Tensor = 0.2,
     reduction: str = "sum",
 ) -> torch.Tensor:
     """Bidirectional triplet ranking loss (DOVE Eq. 30; VSE++ with ``reduction="hardest"``).
@@ -27,7 +27,8 @@ def triplet_ranking_loss(
         sims: (B, B) scores; ``sims[i, j]`` is image i of the batch against caption j; the
             positives are on the diagonal.
         same_image: (B, B) mask of pairs that show the same image; they are excluded as negatives.
-        margin: α of Eq. 30.
+        margin: α of Eq. 30; a (B, B) tensor gives every (image i, caption j) entry its own
+            margin (AMFMN's dynamic margin, Eq. 29).
         reduction: ``"sum"`` sums the hinge over all negatives (Eq. 30 as written); ``"hardest"``
             keeps only the hardest negative of each anchor (VSE++).
 

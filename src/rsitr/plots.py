@@ -29,10 +29,7 @@ def plot_training_curves(history: list[dict], path: str | Path) -> None:
     ax_val.set_xlabel("epoch")
     ax_val.set_ylabel("validation (%)")
     ax_val.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def plot_sweep(table: dict[str, dict], values: list[float], parameter: str, path: str | Path, log_x: bool = False) -> None:
@@ -59,6 +56,13 @@ def plot_sweep(table: dict[str, dict], values: list[float], parameter: str, path
         if log_x:
             ax.set_xscale("log")
         ax.legend()
+    _save_png(fig, path)
+
+
+def _save_png(fig, path: str | Path) -> None:
+    """Lay out, write atomically as PNG, and release the figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

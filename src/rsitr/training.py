@@ -164,8 +164,6 @@ def feature_spec(config: RunConfig, spec: ModelSpec) -> FeatureSpec:
         "seed": f.backbone_seed,
     }
     values.update(spec.features)
-    if "maps" in values:
-        values["maps"] = tuple(values["maps"] or ())
     return FeatureSpec(**values)
 
 

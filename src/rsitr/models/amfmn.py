@@ -93,7 +93,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rsitr.errors import ConfigError
-from rsitr.losses import same_image_mask
+from rsitr.losses import same_image_mask, triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel, TrainingCorpus
 from rsitr.models.layers import (
     FeatureStandardizer,
@@ -158,23 +158,6 @@ def dynamic_margin(prior: torch.Tensor, gamma: float, beta: float) -> torch.Tens
     if abs(beta) < 1e-8:
         return gamma * (1.0 - prior)
     return gamma * (math.expm1(beta) - torch.expm1(beta * prior)) / math.expm1(beta)
-
-
-def triplet_loss_with_margins(sims: torch.Tensor, same_image: torch.Tensor, margins: torch.Tensor | float,
-                              reduction: str = "sum") -> torch.Tensor:
-    """Bidirectional triplet loss (Eq. 30) with a margin per (image i, caption j) entry of ``sims``.
-
-    ``margins[i, j]`` is the margin by which the positive pairs of row i (image i with its caption
-    i) and of column j (caption j with its image j) must beat the negative pair (i, j). Pairs that
-    show the same image are never negatives. Returns the mean over the B positive pairs of the
-    hinge summed (or maxed, ``"hardest"``) over the negatives, in both directions.
-    """
-    positive = sims.diagonal()
-    cost_caption = (margins - positive[:, None] + sims).clamp(min=0).masked_fill(same_image, 0.0)
-    cost_image = (margins - positive[None, :] + sims).clamp(min=0).masked_fill(same_image, 0.0)
-    if reduction == "hardest":
-        return cost_caption.max(dim=1).values.mean() + cost_image.max(dim=0).values.mean()
-    return cost_caption.sum(dim=1).mean() + cost_image.sum(dim=0).mean()
 
 
 # ---------------------------------------------------------------------------------- image side
@@ -483,7 +466,7 @@ class AMFMN(RetrievalModel):
         sims = self.similarity(self.encode_image(features), self.encode_text(tokens, lengths, **extras))
         same = same_image_mask(image_ids.to(sims.device))
         margins = self.pair_margins(image_ids, caption_ids).to(sims.device)
-        loss = triplet_loss_with_margins(sims, same, margins, self.config.loss_reduction)
+        loss = triplet_ranking_loss(sims, same, margins, self.config.loss_reduction)
         negatives = ~same
         mean_margin = margins[negatives].mean() if negatives.any() else margins.new_tensor(float(self.config.gamma))
         return {"loss": loss, "margin": mean_margin.detach()}
