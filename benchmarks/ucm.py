@@ -1,16 +1,23 @@
 """The whole real pipeline on a UCM-Captions folder, with the time of every stage.
 
     pretrain a backbone on the scene labels of the train split  (rsitr pretrain)
+    optionally fine-tune it at a larger size                     (rsitr pretrain --init-weights)
     extract and cache its features for every image             (rsitr features)
-    train DOVE on the cached features, best epoch on val        (rsitr train)
-    evaluate on val, and on test when the folder has a test split
+    train DOVE on the cached features, one run per seed,        (rsitr train)
+      best epoch on val
+    evaluate each run on val (fp32 and bf16), and on test when the folder has a test split
 
 No external weights are used: the backbone learns the 21 UC Merced scene classes from the
 training images only (the class of an image comes from its number), so nothing of val or test is
 seen before evaluation. A script, not a test: it takes tens of minutes on a 2-core CPU.
 
     python benchmarks/ucm.py [--dataset ../shared/data/ucm_captions] [--out runs/ucm-pipeline]
-                             [--backbone resnet18] [--pretrain-epochs 30] [--epochs 20] [--seed 0]
+                             [--backbone resnet18] [--pretrain-epochs 30] [--pretrain-size 224]
+                             [--cutmix 0.5] [--finetune-size 224 --finetune-epochs 8]
+                             [--epochs 20] [--seed 0] [--seeds 3]
+
+Pretraining at a small size is several times cheaper per epoch; a short fine-tune at the size
+features are extracted at then removes most of the train/test size discrepancy.
 
 Every stage writes into ``--out`` and resumes: running the script again continues where it stopped.
 """
@@ -19,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 from rsitr.config import load_config
 from rsitr.data.imagefolder import load_classification_data
 from rsitr.evaluation import chance_metrics, format_table
+from rsitr.errors import ConfigError
 from rsitr.io import write_json
 from rsitr.pretrain import PretrainConfig, pretrain
 from rsitr.training import evaluate_split, feature_spec, load_run, prepare, train
@@ -47,7 +56,7 @@ def stage(name: str, timings: dict[str, float]):
     return _Stage()
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default=str(DEFAULT_DATASET), help="UCM-Captions folder (Karpathy layout)")
     parser.add_argument("--out", default="runs/ucm-pipeline")
@@ -55,45 +64,95 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="retrieval model (default: dove-s for resnet18, dove for resnet50)")
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--pretrain-size", type=int, default=224)
+    parser.add_argument("--pretrain-lr", type=float, default=0.05)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--cutmix", type=float, default=0.0, help="probability that a pretraining batch is CutMixed")
+    parser.add_argument("--finetune-size", type=int, default=0, help="fine-tune the backbone at this size (0: no)")
+    parser.add_argument("--finetune-epochs", type=int, default=8)
+    parser.add_argument("--finetune-lr", type=float, default=0.005)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--seed", type=int, default=0, help="pretraining seed and the first retrieval seed")
+    parser.add_argument("--seeds", type=int, default=1, help="retrieval runs, with seeds seed .. seed+seeds-1")
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="pretraining and features")
+    parser.add_argument("--train-precision", default="fp32", choices=["fp32", "bf16"], help="retrieval training")
     parser.add_argument("--image-size", type=int, default=256, help="retrieval feature size (the paper: 256)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def pretrain_stages(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> tuple[Path, dict]:
+    """Pretrain (and optionally fine-tune) the backbone; the weights file and a summary per stage."""
+    data = load_classification_data(args.dataset, seed=args.seed)
+    print(data.summary())
+    config = PretrainConfig(backbone=args.backbone, image_size=args.pretrain_size, epochs=args.pretrain_epochs,
+                            lr=args.pretrain_lr, weight_decay=args.weight_decay, cutmix=args.cutmix,
+                            seed=args.seed, precision=args.precision)
+    summaries = {}
+    with stage("pretrain", timings):
+        summaries["pretrain"] = pretrain(config, data, out / "pretrain")
+    weights = out / "pretrain" / "backbone.safetensors"
+    if args.finetune_size:
+        finetune = PretrainConfig(backbone=args.backbone, image_size=args.finetune_size, epochs=args.finetune_epochs,
+                                  lr=args.finetune_lr, warmup_epochs=1.0, weight_decay=args.weight_decay,
+                                  cutmix=args.cutmix, seed=args.seed, precision=args.precision,
+                                  init_weights=str(weights))
+        with stage("finetune", timings):
+            summaries["finetune"] = pretrain(finetune, data, out / f"finetune{args.finetune_size}")
+        weights = out / f"finetune{args.finetune_size}" / "backbone.safetensors"
+    for name, summary in summaries.items():
+        print(f"{name}: best val accuracy {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}")
+    return weights, summaries
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` (sample std) of a list, or the single value."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     out = Path(args.out)
     model = args.model or ("dove-s" if args.backbone == "resnet18" else "dove")
     timings: dict[str, float] = {}
-
-    with stage("pretrain", timings):
-        data = load_classification_data(args.dataset, seed=args.seed)
-        print(data.summary())
-        config = PretrainConfig(backbone=args.backbone, image_size=args.pretrain_size, epochs=args.pretrain_epochs,
-                                seed=args.seed, precision=args.precision)
-        summary = pretrain(config, data, out / "pretrain")
-        print(f"best val accuracy {summary['best_val_acc']:.4f} at epoch {summary['best_epoch']}")
-    weights = out / "pretrain" / "backbone.safetensors"
-
-    run_config = load_config(Path(__file__).resolve().parents[1] / "configs" / "dove_ucm.yaml", [
-        f"data.path={json.dumps(str(args.dataset))}", f"model.name={model}", f"features.backbone_weights={json.dumps(str(weights))}",
-        f"features.precision={args.precision}", f"features.cache_dir={json.dumps(str(out / 'cache'))}",
-        f"features.image_size={args.image_size}", f"train.epochs={args.epochs}", f"train.seed={args.seed}",
-    ])
-    with stage("features", timings):
-        prepared = prepare(run_config, progress=True)
-        print(f"{prepared.features.num_images} images cached ({feature_spec(run_config, prepared.spec).backbone})")
-    with stage("train", timings):
-        result = train(run_config, out / "run")
-        print(f"best val mR {result['best_val_mR']:.2f} at epoch {result['best_epoch']}")
-    trained, prepared = load_run(out / "run", progress=False)
-    report = {"timings_s": timings, "pretrain": summary, "train": result}
-    for split in ("val", "test"):
-        if split not in prepared.dataset.splits():
-            continue
-        with stage(f"evaluate {split}", timings):
-            metrics, _, split_data = evaluate_split(trained, prepared, split, 256, progress=False)
-        chance = chance_metrics(len(split_data.image_ids), split_data.caption_local_image)
-        print(format_table(metrics, chance, title=f"UCM-Captions {split}"))
-        report[split] = metrics
+    weights, summaries = pretrain_stages(args, out, timings)
+    report: dict = {"args": vars(args), "timings_s": timings, **summaries, "runs": {}}
+    for k in range(args.seeds):
+        seed = args.seed + k
+        run_config = load_config(Path(__file__).resolve().parents[1] / "configs" / "dove_ucm.yaml", [
+            f"data.path={json.dumps(str(args.dataset))}", f"model.name={model}",
+            f"features.backbone_weights={json.dumps(str(weights))}", f"features.precision={args.precision}",
+            f"features.cache_dir={json.dumps(str(out / 'cache'))}", f"features.image_size={args.image_size}",
+            f"train.epochs={args.epochs}", f"train.seed={seed}", f"train.precision={args.train_precision}",
+        ])
+        if k == 0:
+            with stage("features", timings):
+                prepared = prepare(run_config, progress=True)
+                print(f"{prepared.features.num_images} images cached ({feature_spec(run_config, prepared.spec).backbone})")
+        run_dir = out / f"run-seed{seed}"
+        with stage(f"train seed {seed}", timings):
+            result = train(run_config, run_dir)
+        print(f"seed {seed}: best val mR {result['best_val_mR']:.2f} at epoch {result['best_epoch']}")
+        trained, prepared = load_run(run_dir, progress=False)
+        entry = {"train": result}
+        for split in ("val", "test"):
+            if split not in prepared.dataset.splits():
+                continue
+            for precision in ("fp32", "bf16"):
+                with stage(f"evaluate {split} {precision} seed {seed}", timings):
+                    metrics, _, split_data = evaluate_split(trained, prepared, split, 256, progress=False,
+                                                            precision=precision)
+                entry[f"{split}_{precision}"] = metrics
+            chance = chance_metrics(len(split_data.image_ids), split_data.caption_local_image)
+            print(format_table(entry[f"{split}_fp32"], chance, title=f"{Path(args.dataset).name} {split}, seed {seed}"))
+            entry[f"{split}_chance"] = chance
+        report["runs"][seed] = entry
+        write_json(out / "pipeline.json", report)
+    for key in sorted({k for entry in report["runs"].values() for k in entry if k.endswith(("_fp32", "_bf16"))}):
+        values = [entry[key]["mR"] for entry in report["runs"].values()]
+        print(f"{key} mR over {len(values)} seed(s): {mean_std(values)}")
     print(json.dumps(timings, indent=2))
     write_json(out / "pipeline.json", report)
 

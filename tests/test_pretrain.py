@@ -27,6 +27,8 @@ from rsitr.pretrain import (
     PretrainConfig,
     _Split,
     build_classifier,
+    cutmix_batch,
+    cutmix_box,
     epoch_batches,
     learning_rate,
     pretrain,
@@ -186,7 +188,7 @@ def test_schedule_and_batches() -> None:
 
 
 @pytest.mark.parametrize("bad", [dict(backbone="vgg16"), dict(precision="fp16"), dict(epochs=0), dict(image_size=16),
-                                 dict(label_smoothing=1.0)])
+                                 dict(label_smoothing=1.0), dict(cutmix=1.5)])
 def test_invalid_configuration_is_a_config_error(bad: dict, colour_data, tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         pretrain(replace(TINY, **bad), colour_data, tmp_path, progress=False, log=_quiet)
@@ -195,3 +197,40 @@ def test_invalid_configuration_is_a_config_error(bad: dict, colour_data, tmp_pat
 def test_config_round_trips_through_a_dict() -> None:
     config = replace(TINY, init_weights="weights.pth", augment=AugmentConfig(scale=(0.5, 1.0)))
     assert PretrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_cutmix_pastes_one_box_and_weighs_labels_by_area() -> None:
+    generator = torch.Generator().manual_seed(3)
+    images = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 3, 20, 20).clone()
+    labels = torch.arange(6) * 10
+    mixed, donor_labels, own_share = cutmix_batch(images, labels, generator)
+    foreign = mixed[:, 0] != images[:, 0]  # (6, 20, 20): pixels taken from another image
+    donor = donor_labels // 10
+    for i in range(6):
+        pasted = mixed[i, :, foreign[i]]
+        assert torch.all(pasted == float(donor[i]))  # the box holds the donor's pixels, all channels
+    if not torch.equal(donor, torch.arange(6)):
+        moved = int(torch.nonzero(donor != torch.arange(6))[0])
+        rows, cols = torch.nonzero(foreign[moved], as_tuple=True)
+        area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert int(foreign[moved].sum()) == int(area)  # one rectangle
+        assert own_share == pytest.approx(1 - int(area) / 400)
+    assert torch.equal(images[:, 0, 0, 0], torch.arange(6, dtype=torch.float32))  # the input is untouched
+
+
+def test_cutmix_box_stays_inside_and_covers_the_drawn_share_on_average() -> None:
+    generator = torch.Generator().manual_seed(0)
+    shares = []
+    for _ in range(400):
+        top, bottom, left, right = cutmix_box(32, 48, generator)
+        assert 0 <= top <= bottom <= 32 and 0 <= left <= right <= 48
+        shares.append((bottom - top) * (right - left) / (32 * 48))
+    # a uniform draw has mean 1/2; clipping at the borders only removes area
+    assert 0.2 < float(np.mean(shares)) < 0.5
+
+
+def test_cutmix_run_trains(colour_data, tmp_path: Path) -> None:
+    summary = pretrain(replace(TINY, cutmix=1.0), colour_data, tmp_path, progress=False, log=_quiet)
+    assert summary["epochs"] == 2 and math.isfinite(summary["best_val_acc"])
+    history = list(csv.DictReader(open(tmp_path / METRICS)))
+    assert all(math.isfinite(float(row["train_loss"])) for row in history)

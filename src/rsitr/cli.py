@@ -221,7 +221,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     print(data.summary())
     values = {"backbone": args.backbone, "image_size": args.image_size, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "precision": args.precision,
-              "init_weights": args.init_weights, "threads": args.threads}
+              "init_weights": args.init_weights, "threads": args.threads, "weight_decay": args.weight_decay,
+              "cutmix": args.cutmix}
     config = PretrainConfig(**{k: v for k, v in values.items() if v is not None})
     summary = pretrain(config, data, args.out, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
@@ -329,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--epochs", type=int)
     pre.add_argument("--batch-size", type=int)
     pre.add_argument("--lr", type=float)
+    pre.add_argument("--weight-decay", type=float)
+    pre.add_argument("--cutmix", type=float, help="probability that a batch is CutMixed (0: off)")
     pre.add_argument("--precision", choices=["bf16", "fp32"])
     pre.add_argument("--init-weights", help="start from these weights (e.g. ImageNet torchvision weights)")
     pre.add_argument("--threads", type=int)

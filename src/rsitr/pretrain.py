@@ -99,6 +99,10 @@ class PretrainConfig:
         momentum: SGD (Nesterov) momentum.
         weight_decay: L2 penalty on convolution and linear weights (not biases, not BatchNorm).
         label_smoothing: cross-entropy label smoothing.
+        cutmix: probability that a batch is CutMixed (:func:`cutmix_batch`): a random box of each
+            image is replaced by the same box of another image of the batch, and the loss weighs
+            both labels by area. 0 turns it off. A regulariser for long schedules on few images,
+            where the network otherwise learns the training set by heart.
         warmup_epochs: epochs of linear learning-rate warm-up before the cosine decay.
         seed: seeds the classifier init, the random init of the backbone, shuffling and
             augmentation.
@@ -126,6 +130,7 @@ class PretrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
+    cutmix: float = 0.0
     warmup_epochs: float = 1.0
     seed: int = 0
     precision: str = "bf16"
@@ -159,7 +164,8 @@ class PretrainConfig:
             raise ConfigError(f"pretrain image_size must be >= 32 (the network downsamples by 32), "
                               f"got {self.image_size}")
         checks = [("momentum", 0 <= self.momentum < 1), ("weight_decay", self.weight_decay >= 0),
-                  ("label_smoothing", 0 <= self.label_smoothing < 1), ("warmup_epochs", self.warmup_epochs >= 0),
+                  ("label_smoothing", 0 <= self.label_smoothing < 1), ("cutmix", 0 <= self.cutmix <= 1),
+                  ("warmup_epochs", self.warmup_epochs >= 0),
                   ("threads", self.threads >= 0), ("decode_scale", self.decode_scale >= 1),
                   ("eval_batch_size", self.eval_batch_size >= 0), ("bn_images", self.bn_images >= 0)]
         for name, ok in checks:
@@ -296,13 +302,48 @@ class _Split:
     labels: Tensor  # (N,) int64
 
 
+def cutmix_box(height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """A CutMix box ``(top, bottom, left, right)`` whose area share is drawn uniformly from [0, 1].
+
+    The side ratio is ``sqrt(area share)``; the centre is uniform over the image and the box is
+    clipped at the borders, so the realised share can be smaller than the draw (the loss uses the
+    realised share).
+    """
+    share = float(torch.rand((), generator=generator))
+    cut_h, cut_w = round(height * math.sqrt(share)), round(width * math.sqrt(share))
+    cy = int(torch.randint(height, (), generator=generator))
+    cx = int(torch.randint(width, (), generator=generator))
+    top, bottom = max(0, cy - cut_h // 2), min(height, cy + cut_h - cut_h // 2)
+    left, right = max(0, cx - cut_w // 2), min(width, cx + cut_w - cut_w // 2)
+    return top, bottom, left, right
+
+
+def cutmix_batch(images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, float]:
+    """CutMix one batch: paste one box of a shuffled copy of the batch into every image.
+
+    Returns the mixed images, the labels of the pasted images, and the share of each image that
+    is still its own (the weight of its own label in the loss).
+    """
+    height, width = images.shape[-2:]
+    donor = torch.randperm(len(labels), generator=generator)
+    top, bottom, left, right = cutmix_box(height, width, generator)
+    mixed = images.clone()
+    mixed[..., top:bottom, left:right] = images[donor][..., top:bottom, left:right]
+    own_share = 1.0 - (bottom - top) * (right - left) / (height * width)
+    return mixed, labels[donor], own_share
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Split, config: PretrainConfig,
                 epoch: int, steps_per_epoch: int, progress: bool = True) -> dict[str, float]:
-    """One epoch of augmented SGD steps; returns mean loss, top-1 accuracy, seconds and images/s."""
+    """One epoch of augmented SGD steps; returns mean loss, top-1 accuracy, seconds and images/s.
+
+    In a CutMixed batch the accuracy counts a prediction of the image's own label as correct.
+    """
     model.train()
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     augment_rng = _generator(config.seed, epoch, 1)
+    cutmix_rng = _generator(config.seed, epoch, 2)
     loss_sum, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
     batches = epoch_batches(len(data.labels), config.batch_size, config.seed, epoch)
@@ -311,10 +352,16 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Split
         for group in optimizer.param_groups:
             group["lr"] = lr
         images = augment_batch(data.images[batch], config.augment, config.image_size, augment_rng)
-        inputs, targets = _normalise(images, config.channels_last), data.labels[batch]
+        targets = data.labels[batch]
+        donor_targets, own_share = targets, 1.0
+        if config.cutmix > 0 and float(torch.rand((), generator=cutmix_rng)) < config.cutmix:
+            images, donor_targets, own_share = cutmix_batch(images, targets, cutmix_rng)
         with _precision(config.precision):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
+            logits = model(_normalise(images, config.channels_last))
+        loss = own_share * F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
+        if own_share < 1.0:
+            loss = loss + (1.0 - own_share) * F.cross_entropy(logits.float(), donor_targets,
+                                                              label_smoothing=config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
