@@ -1,9 +1,18 @@
-"""Images/s of frozen-backbone feature extraction, fp32 vs bf16, per backbone.
+"""Images/s of frozen-backbone feature extraction, fp32 vs bf16, per backbone, against the matmul rate.
 
 Not a test: a rough measurement to pick ``FeatureSpec.precision``. It writes random PNGs to a
 temporary directory, times image decoding alone, then times :func:`rsitr.features.compute_features`
 (decoding overlapped with compute, backbone, RoIAlign) after a one-batch warm-up, best of
-``--repeats`` runs, and prints a table. Numbers on a shared machine are rough.
+``--repeats`` runs, and prints a table.
+
+``torch.utils.flop_counter.FlopCounterMode`` counts the floating-point work of one image's
+backbone forward (``forward_levels``) at the image size; it is the same for both precisions and
+leaves out RoIAlign and pooling, which are small. Images/s times FLOPs per image gives the
+achieved GFLOP/s, reported as a fraction of the matmul rates of the row's precision (fp32 rows
+against fp32 rates, bf16 rows against bf16 rates), through ``torch.mm`` and through oneDNN, as
+:func:`rsitr.profiling.matmul_rates` measures them before and after the timed runs (the higher
+kept). The achieved rate includes whatever decoding the overlap fails to hide, so it is a lower
+bound on the backbone's own rate. Numbers on a shared machine are rough.
 
 Usage::
 
@@ -22,9 +31,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rsitr.backbones import create_backbone
 from rsitr.data.dataset import RetrievalDataset
 from rsitr.data.images import load_image
 from rsitr.features import FeatureSpec, compute_features
+from rsitr.profiling import best_rates, count_flops, matmul_rates
 
 
 def make_dataset(root: Path, count: int, size: int) -> RetrievalDataset:
@@ -63,6 +74,14 @@ def extract_rate(dataset: RetrievalDataset, spec: FeatureSpec, batch_size: int, 
     return best, peak
 
 
+def image_flops(backbone: str, size: int) -> float:
+    """Floating-point operations of one image's backbone forward (``forward_levels``) at ``size`` px."""
+    model = create_backbone(backbone).eval().requires_grad_(False)
+    image = torch.randn(1, 3, size, size)
+    with torch.inference_mode():
+        return count_flops(lambda: model.forward_levels(image))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
@@ -71,19 +90,36 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--backbones", nargs="+", default=["resnet50", "resnet18"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--rate-seconds", type=float, default=1.0,
+                        help="seconds spent on each matmul rate measurement (per precision and path)")
     args = parser.parse_args()
 
+    before = matmul_rates(args.rate_seconds)
     with tempfile.TemporaryDirectory() as tmp:
         dataset = make_dataset(Path(tmp), args.images, args.image_size)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.images} images, "
               f"batch {args.batch_size}, {args.image_size} px")
         print(f"decode+resize alone: {decode_rate(dataset, args.image_size):.0f} images/s (one thread)")
-        print(f"{'backbone':<10} {'precision':<9} {'images/s':>9} {'max|region|':>12}")
+        rows = []
         for backbone in args.backbones:
+            flops = image_flops(backbone, args.image_size)
             for precision in args.precisions:
                 spec = replace(FeatureSpec(), backbone=backbone, image_size=args.image_size, precision=precision)
                 rate, peak = extract_rate(dataset, spec, args.batch_size, args.repeats)
-                print(f"{backbone:<10} {precision:<9} {rate:>9.1f} {peak:>12.1f}")
+                rows.append((backbone, precision, flops, rate, peak))
+    rates = best_rates(before, matmul_rates(args.rate_seconds))  # measured before and after; the higher counts
+    print("matmul rate (GFLOP/s, best of before and after the runs): " + ", ".join(
+        f"{kind} {p} {rates[f'{key}_{p}']:.0f}" for kind, key in (("torch.mm", "mm"), ("oneDNN", "onednn"))
+        for p in ("fp32", "bf16")))
+    print()
+    print("| backbone | precision | GFLOP / image | images / s | achieved GFLOP/s | fraction of torch.mm rate "
+          "| fraction of oneDNN GEMM rate | max abs region |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for backbone, precision, flops, rate, peak in rows:
+        achieved = rate * flops / 1e9
+        print(f"| {backbone} | {precision} | {flops / 1e9:.2f} | {rate:.1f} | {achieved:.0f} "
+              f"| {achieved / rates[f'mm_{precision}']:.2f} | {achieved / rates[f'onednn_{precision}']:.2f} "
+              f"| {peak:.1f} |")
 
 
 if __name__ == "__main__":

@@ -27,50 +27,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
-from torch.utils.mkldnn import to_mkldnn
 
 from rsitr.augment import AugmentConfig, augment_batch
 from rsitr.backbones import create_backbone
-
-
-def _best_seconds(run: Callable[[], object], budget: float) -> float:
-    """Fastest call of ``run`` over about ``budget`` seconds (at least three calls, after two warm-ups)."""
-    for _ in range(2):
-        run()
-    best, spent, calls = float("inf"), 0.0, 0
-    while spent < budget or calls < 3:
-        started = time.perf_counter()
-        run()
-        elapsed = time.perf_counter() - started
-        best, spent, calls = min(best, elapsed), spent + elapsed, calls + 1
-    return best
-
-
-def matmul_rates(n: int = 2048, budget: float = 1.0) -> dict[str, dict[str, float]]:
-    """GFLOP/s of an n x n x n product per precision, through ``torch.mm`` and through oneDNN.
-
-    ``torch.mm`` in float32 runs MKL's sgemm, which on AMD CPUs may take a narrower code path
-    than the oneDNN kernels convolutions use; the oneDNN product (an MKL-DNN linear layer) shows
-    what those kernels reach on a plain GEMM. bf16 products go to oneDNN either way.
-    """
-    rates: dict[str, dict[str, float]] = {"torch.mm": {}, "oneDNN": {}}
-    x = torch.randn(n, n)
-    layer = torch.nn.Linear(n, n, bias=False).eval()
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = x.to(dtype), layer.weight.detach().to(dtype)
-        rates["torch.mm"][name] = 2 * n**3 / _best_seconds(lambda: a @ b, budget) / 1e9
-        with torch.no_grad():
-            fused = to_mkldnn(layer, dtype=dtype)
-            xm = x.to(dtype).to_mkldnn()
-            rates["oneDNN"][name] = 2 * n**3 / _best_seconds(lambda: fused(xm), budget) / 1e9
-    return rates
-
-
-def _best_rates(*measurements: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Per entry, the highest of several measurements (other load on the machine only lowers a rate)."""
-    first = measurements[0]
-    return {kind: {p: max(m[kind][p] for m in measurements) for p in first[kind]} for kind in first}
+from rsitr.profiling import best_rates, best_step_seconds, count_flops, matmul_rates
 
 
 def _precision(precision: str) -> contextlib.AbstractContextManager[object]:
@@ -101,25 +61,9 @@ def make_step(backbone: str, batch: int, size: int, precision: str, channels_las
     return step
 
 
-def step_flops(backbone: str, batch: int, size: int) -> int:
+def step_flops(backbone: str, batch: int, size: int) -> float:
     """Floating-point operations of one forward + backward pass, as FlopCounterMode counts them."""
-    step = make_step(backbone, batch, size, "fp32", channels_last=False)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    return counter.get_total_flops()
-
-
-def best_step_seconds(step: Callable[[], None], warmup: int, steps: int) -> float:
-    """Fastest of ``steps`` timed steps after ``warmup`` untimed ones (oneDNN builds kernels on first use)."""
-    for _ in range(warmup):
-        step()
-    best = float("inf")
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - started)
-    return best
+    return count_flops(make_step(backbone, batch, size, "fp32", channels_last=False))
 
 
 def augment_rate(batch: int, size: int, repeats: int = 3) -> float:
@@ -160,9 +104,10 @@ def main() -> None:
                 step = make_step(backbone, args.batch_size, args.image_size, precision, channels_last)
                 seconds = best_step_seconds(step, args.warmup, args.steps)
                 rows.append((backbone, precision, "channels_last" if channels_last else "NCHW", flops, seconds))
-    rates = _best_rates(before, matmul_rates())  # measured before and after; the higher counts
+    rates = best_rates(before, matmul_rates())  # measured before and after; the higher counts
     print("matmul rate (GFLOP/s, best of before and after the steps): " + ", ".join(
-        f"{kind} {p} {rate:.0f}" for kind, per in rates.items() for p, rate in per.items()))
+        f"{kind} {p} {rates[f'{key}_{p}']:.0f}" for kind, key in (("torch.mm", "mm"), ("oneDNN", "onednn"))
+        for p in ("fp32", "bf16")))
     print()
     print("| backbone | precision | layout | batch | GFLOP / step | seconds / step | images / s "
           "| achieved GFLOP/s | fraction of torch.mm rate | fraction of oneDNN GEMM rate |")
@@ -170,8 +115,8 @@ def main() -> None:
     for backbone, precision, layout, flops, seconds in rows:
         achieved = flops / seconds / 1e9
         print(f"| {backbone} | {precision} | {layout} | {args.batch_size} | {flops / 1e9:.1f} | {seconds:.2f} "
-              f"| {args.batch_size / seconds:.1f} | {achieved:.0f} | {achieved / rates['torch.mm'][precision]:.2f} "
-              f"| {achieved / rates['oneDNN'][precision]:.2f} |")
+              f"| {args.batch_size / seconds:.1f} | {achieved:.0f} | {achieved / rates[f'mm_{precision}']:.2f} "
+              f"| {achieved / rates[f'onednn_{precision}']:.2f} |")
 
 if __name__ == "__main__":
     main()
