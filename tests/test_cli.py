@@ -49,6 +49,17 @@ def test_pretrain_command_on_dataset_scene_labels(tiny_synth, tmp_path, capsys) 
     assert not torch.equal(loaded.conv1.weight, fresh.conv1.weight)  # trained weights, not the init
 
 
+def test_pretrain_command_reads_a_yaml_recipe_and_flags_override_it(tiny_synth, tmp_path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("backbone: resnet18\nimage_size: 48\nepochs: 3\nbatch_size: 8\nprecision: fp32\ncutmix: 1.0\n")
+    out = tmp_path / "pre"
+    code = main(["--quiet", "pretrain", str(tiny_synth), "--config", str(recipe), "--epochs", "1", "--threads", "1",
+                 "--out", str(out)])
+    assert code == 0
+    saved = json.loads((out / "pretrain_config.json").read_text())["config"]
+    assert (saved["image_size"], saved["epochs"], saved["cutmix"]) == (48, 1, 1.0)
+
+
 def test_pretrain_command_errors_in_one_line(tmp_path, capsys) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

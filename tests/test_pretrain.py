@@ -31,6 +31,7 @@ from rsitr.pretrain import (
     cutmix_box,
     epoch_batches,
     learning_rate,
+    load_pretrain_config,
     pretrain,
     recalibrate_batchnorm,
 )
@@ -234,3 +235,27 @@ def test_cutmix_run_trains(colour_data, tmp_path: Path) -> None:
     assert summary["epochs"] == 2 and math.isfinite(summary["best_val_acc"])
     history = list(csv.DictReader(open(tmp_path / METRICS)))
     assert all(math.isfinite(float(row["train_loss"])) for row in history)
+
+
+def test_yaml_config_loads_with_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("backbone: resnet18\nimage_size: 96\ncutmix: 0.5\naugment:\n  scale: [0.5, 1.0]\n")
+    config = load_pretrain_config(path, {"epochs": 7, "image_size": None})
+    assert (config.backbone, config.image_size, config.epochs, config.cutmix) == ("resnet18", 96, 7, 0.5)
+    assert config.augment.scale == (0.5, 1.0)
+
+
+def test_shipped_recipe_is_valid() -> None:
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "pretrain_ucm_r18.yaml"
+    config = load_pretrain_config(recipe)
+    assert config.backbone == "resnet18" and config.cutmix > 0
+
+
+@pytest.mark.parametrize("text, message", [("epochs: [1, 2\n", "not valid YAML"), ("- 1\n", "mapping"),
+                                           ("epoch: 3\n", "unknown pretrain parameter"), ("cutmix: 2\n", "cutmix")])
+def test_bad_yaml_config_is_a_one_line_error_naming_the_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_pretrain_config(path)
+    assert str(path) in str(error.value) and message in str(error.value) and "\n" not in str(error.value)

@@ -214,7 +214,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from rsitr.data.imagefolder import load_classification_data
-    from rsitr.pretrain import PretrainConfig, pretrain
+    from rsitr.pretrain import PretrainConfig, load_pretrain_config, pretrain
 
     data = load_classification_data(args.path, val_fraction=args.val_fraction, seed=args.seed,
                                     train_split=args.train_split, val_split=args.val_split)
@@ -223,7 +223,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "precision": args.precision,
               "init_weights": args.init_weights, "threads": args.threads, "weight_decay": args.weight_decay,
               "cutmix": args.cutmix}
-    config = PretrainConfig(**{k: v for k, v in values.items() if v is not None})
+    if args.config:
+        config = load_pretrain_config(args.config, values)
+    else:
+        config = PretrainConfig(**{k: v for k, v in values.items() if v is not None})
+        config.validate()
     summary = pretrain(config, data, args.out, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     print(f"use it with: --backbone-weights {Path(args.out) / 'backbone.safetensors'}")
@@ -325,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="scene-classification pretraining of a backbone (ImageFolder tree or a dataset's scene labels)")
     pre.add_argument("path", help="ImageFolder root (one folder per class, optional train/ val/) or a retrieval dataset with scene labels")
     pre.add_argument("--out", required=True, help="output folder (backbone.safetensors, metrics; re-running resumes)")
-    pre.add_argument("--backbone", default="resnet50", help="resnet18 | resnet50")
+    pre.add_argument("--config", help="YAML file of pretraining fields (e.g. configs/pretrain_ucm_r18.yaml); flags override it")
+    pre.add_argument("--backbone", help="resnet18 | resnet50 (default resnet50)")
     pre.add_argument("--image-size", type=int)
     pre.add_argument("--epochs", type=int)
     pre.add_argument("--batch-size", type=int)
