@@ -8,6 +8,7 @@ from rsitr.evaluation import (
     METRIC_KEYS,
     blockwise_similarity,
     chance_metrics,
+    class_oracle_metrics,
     i2t_ranks,
     recall_metrics,
     t2i_ranks,
@@ -107,3 +108,28 @@ def test_blockwise_assembly_independent_of_block_size():
     score = lambda rows, cols: full[rows, cols]
     for ib, cb in ((1, 1), (5, 7), (64, 64)):
         assert torch.equal(blockwise_similarity(score, 23, 41, ib, cb), full)
+
+
+def test_class_oracle_is_perfect_when_every_class_has_one_image() -> None:
+    oracle = class_oracle_metrics(["a", "b", "c"], np.array([0, 0, 1, 2, 2, 2]))
+    assert oracle["mR"] == pytest.approx(100.0)
+
+
+def test_class_oracle_of_a_single_class_is_chance() -> None:
+    image_of_caption = np.array([0, 0, 1, 1, 1, 2, 3, 3, 4, 5, 5, 5, 6, 7, 8, 9, 10, 11, 11])
+    oracle = class_oracle_metrics(["x"] * 12, image_of_caption)
+    chance = chance_metrics(12, image_of_caption)
+    for key, value in chance.items():
+        assert oracle[key] == pytest.approx(value), key
+
+
+def test_class_oracle_matches_random_rankings_within_classes() -> None:
+    """Average of real rankings that put the query's class first, in random order inside it."""
+    rng = np.random.default_rng(0)
+    classes = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 3])
+    image_of_caption = np.repeat(np.arange(13), rng.integers(1, 4, 13))
+    same = (classes[:, None] == classes[image_of_caption][None, :]).astype(float)
+    draws = [recall_metrics(same + 1e-3 * rng.random(same.shape), image_of_caption) for _ in range(3000)]
+    oracle = class_oracle_metrics(classes.tolist(), image_of_caption)
+    for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mR"):
+        assert oracle[key] == pytest.approx(np.mean([d[key] for d in draws]), abs=1.0), key

@@ -20,7 +20,7 @@ the reference rank; with ties it can only be worse, never better.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -106,6 +106,41 @@ def chance_metrics(n_images: int, image_of_caption: np.ndarray) -> dict[str, flo
         miss = np.ones(n_images)
         for step in range(min(k, n)):
             miss *= np.clip((n - counts - step) / (n - step), 0.0, 1.0)
+        out[f"i2t_r{k}"] = 100.0 * float(np.mean(1.0 - miss))
+    recalls = [out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS]
+    out["rsum"] = float(sum(recalls))
+    out["mR"] = out["rsum"] / len(recalls)
+    return out
+
+
+def class_oracle_metrics(image_classes: Sequence[object], image_of_caption: np.ndarray) -> dict[str, float]:
+    """Expected recalls of a model that knows every item's scene class and nothing more.
+
+    A reference row, not a model: it ranks everything of the query's class above everything
+    else, in random order within the class. It shows how much of a benchmark coarse scene
+    recognition alone explains (on UCM-Captions most captions of a class are near-paraphrases),
+    and so how far a retrieval model has to see past the class. Per query, as in
+    :func:`chance_metrics` but within the class: t2i R@K = min(K, n) / n for a class of n images;
+    i2t R@K = 1 - C(N - c, K) / C(N, K) for an image with c of its class's N captions.
+
+    Args:
+        image_classes: class of each image (any hashable labels).
+        image_of_caption: (n_captions,) image index of each caption.
+    """
+    classes = np.unique(np.asarray([str(c) for c in image_classes]), return_inverse=True)[1]
+    image_of_caption = np.asarray(image_of_caption, dtype=np.int64)
+    counts = np.bincount(image_of_caption, minlength=len(classes))  # captions per image
+    images_in_class = np.bincount(classes)[classes]  # per image: images of its class
+    captions_in_class = np.bincount(classes, weights=counts)[classes]  # per image: captions of its class
+    out: dict[str, float] = {}
+    for k in RECALL_KS:
+        out[f"t2i_r{k}"] = 100.0 * float(np.mean(np.minimum(k, images_in_class[image_of_caption])
+                                                 / images_in_class[image_of_caption]))
+        miss = np.ones(len(classes))
+        for step in range(k):
+            remaining = captions_in_class - step
+            ratio = np.divide(remaining - counts, remaining, out=np.zeros_like(remaining), where=remaining > 0)
+            miss *= np.clip(ratio, 0.0, 1.0)
         out[f"i2t_r{k}"] = 100.0 * float(np.mean(1.0 - miss))
     recalls = [out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS]
     out["rsum"] = float(sum(recalls))
