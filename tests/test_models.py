@@ -193,3 +193,21 @@ def test_concat_encodings_zero_pads_word_widths():
         concat_encodings([narrow, {"words": torch.randn(1, 3, 6), "mask": torch.ones(1, 3, dtype=torch.bool)}])
     with pytest.raises(ValueError, match="words"):  # so is a different number of dimensions
         concat_encodings([narrow, {"words": torch.randn(1, 3), "mask": torch.ones(1, 3, dtype=torch.bool)}])
+
+
+@pytest.mark.parametrize("overrides", ABLATIONS[:1] + [{"iga": False}, {"iga_head": "linear"}])
+def test_bf16_scores_are_finished_in_float32(overrides):
+    """Under bf16 autocast the encoders run in bf16 but the score is not rounded to bf16's 8 bits."""
+    model = small("dove", **overrides).eval()
+    feats, (tokens, lengths) = fake_features(40, seed=1), fake_text(50, seed=1)
+    with torch.no_grad():
+        reference = model.similarity(model.encode_image(feats), model.encode_text(tokens, lengths))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            scores = model.similarity(model.encode_image(feats), model.encode_text(tokens, lengths))
+    assert scores.dtype == torch.float32
+    assert (scores - reference).abs().max() < 0.05  # bf16 encodings: close to fp32, not equal
+    # bf16 has 256 steps per octave, so 40 cosines in [-1, 1] rounded to it would often collide;
+    # float32 scores of distinct pairs do not
+    assert all(len(torch.unique(column)) == 40 for column in scores.T)
+    rounded = scores.to(torch.bfloat16)
+    assert any(len(torch.unique(column)) < 40 for column in rounded.T)  # the check can fail

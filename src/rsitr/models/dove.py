@@ -54,6 +54,7 @@ from rsitr.models.layers import (
     GatedSelfAttention,
     ResidualMLP,
     cosine_matrix,
+    full_precision,
     length_mask,
     make_head,
     masked_mean,
@@ -182,7 +183,7 @@ class IGA(nn.Module):
         # Tiles of about pair_block pairs keep the (tile, d) temporaries cache-sized.
         cols = min(g.shape[0], 256)
         rows = max(1, self.pair_block // cols)
-        out = s.new_empty(s.shape)
+        out = s.new_empty(s.shape, dtype=torch.float32)
         for i in range(0, r.shape[0], rows):
             for j in range(0, g.shape[0], cols):
                 out[i : i + rows, j : j + cols] = self._nonlinear_block(
@@ -202,18 +203,22 @@ class IGA(nn.Module):
         w2 = mlp.fc2.weight.T.expand(hidden.shape[0], -1, -1)
         text = torch.baddbmm((r + mlp.fc2.bias)[:, None, :], hidden, w2)  # W2 h + b2 + r_i
         text.addcmul_(s[..., None], g[None])  # + s_ij g_j
-        dot = torch.bmm(text, visual[:, :, None]).squeeze(-1)
-        norms = torch.linalg.vector_norm(text, dim=-1) * torch.linalg.vector_norm(visual, dim=-1, keepdim=True)
-        return dot / norms.clamp(min=1e-12)
+        with full_precision():  # the cosine in float32 (see layers.full_precision)
+            text, visual = text.float(), visual.float()
+            dot = torch.bmm(text, visual[:, :, None]).squeeze(-1)
+            norms = torch.linalg.vector_norm(text, dim=-1) * torch.linalg.vector_norm(visual, dim=-1, keepdim=True)
+            return dot / norms.clamp(min=1e-12)
 
     def _linear_head_cosine(self, r: torch.Tensor, g: torch.Tensor, s: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """Closed form of the cosine for the linear head: t_ij = s_ij·Wg_j + (Wr_i + b)."""
         lin: nn.Linear = self.head  # type: ignore[assignment]
-        wg = g @ lin.weight.T
-        wr = r @ lin.weight.T + lin.bias
-        dot = s * (visual @ wg.T) + (visual * wr).sum(-1, keepdim=True)
-        norm_sq = s.square() * wg.square().sum(-1)[None] + 2 * s * (wr @ wg.T) + wr.square().sum(-1, keepdim=True)
-        return dot / (norm_sq.clamp(min=1e-12).sqrt() * visual.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+        with full_precision():  # (n_i, n_t) products only: float32 costs little (see layers.full_precision)
+            r, g, s, visual = r.float(), g.float(), s.float(), visual.float()
+            wg = g @ lin.weight.T
+            wr = r @ lin.weight.T + lin.bias
+            dot = s * (visual @ wg.T) + (visual * wr).sum(-1, keepdim=True)
+            norm_sq = s.square() * wg.square().sum(-1)[None] + 2 * s * (wr @ wg.T) + wr.square().sum(-1, keepdim=True)
+            return dot / (norm_sq.clamp(min=1e-12).sqrt() * visual.norm(dim=-1, keepdim=True).clamp(min=1e-12))
 
 
 @register_architecture("dove", DoveConfig)
