@@ -203,10 +203,12 @@ class IGA(nn.Module):
         w2 = mlp.fc2.weight.T.expand(hidden.shape[0], -1, -1)
         text = torch.baddbmm((r + mlp.fc2.bias)[:, None, :], hidden, w2)  # W2 h + b2 + r_i
         text.addcmul_(s[..., None], g[None])  # + s_ij g_j
-        with full_precision():  # the cosine in float32 (see layers.full_precision)
-            text, visual = text.float(), visual.float()
-            dot = torch.bmm(text, visual[:, :, None]).squeeze(-1)
-            norms = torch.linalg.vector_norm(text, dim=-1) * torch.linalg.vector_norm(visual, dim=-1, keepdim=True)
+        # The cosine is summed in float32 (see layers.full_precision) without a float32 copy of
+        # the (b, n_t, d) tile: under bf16 autocast the products stay bf16, the sums do not.
+        with full_precision():
+            dot = (text * visual[:, None, :].to(text.dtype)).sum(-1, dtype=torch.float32)
+            norms = (torch.linalg.vector_norm(text, dim=-1, dtype=torch.float32)
+                     * torch.linalg.vector_norm(visual, dim=-1, keepdim=True, dtype=torch.float32))
             return dot / norms.clamp(min=1e-12)
 
     def _linear_head_cosine(self, r: torch.Tensor, g: torch.Tensor, s: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
