@@ -35,7 +35,7 @@ from rsitr.backbones import create_backbone
 from rsitr.data.dataset import RetrievalDataset
 from rsitr.data.images import load_image
 from rsitr.features import FeatureSpec, compute_features
-from rsitr.profiling import best_rates, count_flops, matmul_rates
+from rsitr.profiling import best_rates, count_flops, format_rates, matmul_rates
 
 
 def make_dataset(root: Path, count: int, size: int) -> RetrievalDataset:
@@ -108,9 +108,7 @@ def main() -> None:
                 rate, peak = extract_rate(dataset, spec, args.batch_size, args.repeats)
                 rows.append((backbone, precision, flops, rate, peak))
     rates = best_rates(before, matmul_rates(args.rate_seconds))  # measured before and after; the higher counts
-    print("matmul rate (GFLOP/s, best of before and after the runs): " + ", ".join(
-        f"{kind} {p} {rates[f'{key}_{p}']:.0f}" for kind, key in (("torch.mm", "mm"), ("oneDNN", "onednn"))
-        for p in ("fp32", "bf16")))
+    print(format_rates(rates, "best of before and after the runs"))
     print()
     print("| backbone | precision | GFLOP / image | images / s | achieved GFLOP/s | fraction of torch.mm rate "
           "| fraction of oneDNN GEMM rate | max abs region |")

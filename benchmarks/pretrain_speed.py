@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from rsitr.augment import AugmentConfig, augment_batch
 from rsitr.backbones import create_backbone
-from rsitr.profiling import best_rates, best_step_seconds, count_flops, matmul_rates
+from rsitr.profiling import best_rates, best_step_seconds, count_flops, format_rates, matmul_rates
 
 
 def _precision(precision: str) -> contextlib.AbstractContextManager[object]:
@@ -105,9 +105,7 @@ def main() -> None:
                 seconds = best_step_seconds(step, args.warmup, args.steps)
                 rows.append((backbone, precision, "channels_last" if channels_last else "NCHW", flops, seconds))
     rates = best_rates(before, matmul_rates())  # measured before and after; the higher counts
-    print("matmul rate (GFLOP/s, best of before and after the steps): " + ", ".join(
-        f"{kind} {p} {rates[f'{key}_{p}']:.0f}" for kind, key in (("torch.mm", "mm"), ("oneDNN", "onednn"))
-        for p in ("fp32", "bf16")))
+    print(format_rates(rates, "best of before and after the steps"))
     print()
     print("| backbone | precision | layout | batch | GFLOP / step | seconds / step | images / s "
           "| achieved GFLOP/s | fraction of torch.mm rate | fraction of oneDNN GEMM rate |")

@@ -25,7 +25,7 @@ import torch
 from rsitr.evaluation import autocast
 from rsitr.features import FeatureSpec, feature_dims
 from rsitr.models import create_model, get_model_spec
-from rsitr.profiling import best_rates, best_step_seconds, count_flops, matmul_rates
+from rsitr.profiling import best_rates, best_step_seconds, count_flops, format_rates, matmul_rates
 
 
 def batch(dims: dict, n: int, length: int, vocab: int):
@@ -79,9 +79,7 @@ def main() -> None:
             rows.append((name, precision, flops, seconds))
     rates = best_rates(before, matmul_rates(args.rate_seconds))  # measured before and after; the higher counts
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("matmul rate (GFLOP/s, best of before and after the steps): " + ", ".join(
-        f"{kind} {p} {rates[f'{key}_{p}']:.0f}" for kind, key in (("torch.mm", "mm"), ("oneDNN", "onednn"))
-        for p in ("fp32", "bf16")))
+    print(format_rates(rates, "best of before and after the steps"))
     print()
     print("| model | precision | batch | GFLOP / step | seconds / step | pairs / s | achieved GFLOP/s "
           "| fraction of torch.mm rate | fraction of oneDNN GEMM rate |")

@@ -29,3 +29,10 @@ def test_matmul_rates_gives_four_positive_finite_rates():
 
 def test_best_rates_keeps_the_higher_per_key():
     assert best_rates({"a": 1.0, "b": 5.0}, {"a": 3.0, "b": 2.0}) == {"a": 3.0, "b": 5.0}
+
+
+def test_format_rates_names_each_rate() -> None:
+    from rsitr.profiling import format_rates
+
+    line = format_rates({"mm_fp32": 221.4, "mm_bf16": 931.0, "onednn_fp32": 483.0, "onednn_bf16": 985.6}, "same run")
+    assert line == "matmul rate (GFLOP/s, same run): torch.mm fp32 221, torch.mm bf16 931, oneDNN fp32 483, oneDNN bf16 986"

@@ -161,20 +161,32 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     return RunConfig(**{name: _build_section(name, dict(data.get(name) or {}), source) for name in _SECTIONS})
 
 
+def read_yaml_mapping(path: str | Path, shape_error: str) -> dict[str, Any]:
+    """The mapping a YAML file holds; one-line ConfigErrors naming the file otherwise.
+
+    ``shape_error`` completes the message when the file holds something other than a mapping
+    (e.g. "a run config must be a mapping of sections"). An empty file is an empty mapping.
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {shape_error}")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config (or the defaults when ``path`` is None) and apply ``overrides``."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: config file not found") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a run config must be a mapping of sections")
+        data = read_yaml_mapping(path, "a run config must be a mapping of sections")
     for item in overrides or []:
         apply_override(data, item)
     return config_from_dict(data, source)

@@ -196,17 +196,9 @@ def load_pretrain_config(path: str | Path, overrides: dict[str, Any] | None = No
     Errors (missing file, invalid YAML, unknown or invalid fields) are one-line ConfigErrors that
     name the file.
     """
-    import yaml
+    from rsitr.config import read_yaml_mapping
 
-    path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the pretraining config ({exc.strerror or exc})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: a pretraining config must be a mapping of field: value")
+    values = read_yaml_mapping(path, "a pretraining config must be a mapping of field: value")
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         config = PretrainConfig.from_dict(values)

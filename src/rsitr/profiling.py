@@ -92,3 +92,10 @@ def count_flops(fn: Callable[[], object]) -> float:
     with counter:
         fn()
     return float(counter.get_total_flops())
+
+
+def format_rates(rates: dict[str, float], measured: str = "best of before and after the runs") -> str:
+    """One line naming the four matmul rates of :func:`matmul_rates`, for a benchmark's report."""
+    parts = [f"{kind} {precision} {rates[f'{key}_{precision}']:.0f}"
+             for kind, key in (("torch.mm", "mm"), ("oneDNN", "onednn")) for precision in RATE_DTYPES]
+    return f"matmul rate (GFLOP/s, {measured}): " + ", ".join(parts)
