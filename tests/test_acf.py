@@ -15,6 +15,8 @@ from rsitr.models.acf import AcfConfig, NodeStandardizer, correct_attention, fil
 from rsitr.models.base import take_rows
 from rsitr.models.registry import ModelSpec
 
+from helpers import loss_curve, random_tokens
+
 MAP_CHANNELS = {"stage2": 12, "stage3": 16, "stage4": 20}
 DIMS = {"level_channels": [8, 12, 16, 20], "maps": {level: (c, 7) for level, c in MAP_CHANNELS.items()}}
 VOCAB = 50
@@ -29,11 +31,7 @@ def fake_features(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def fake_text(n: int, seed: int = 0, max_len: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, max_len, (n,), generator=g)
-    tokens = torch.randint(1, VOCAB, (n, int(lengths.max())), generator=g)
-    tokens[torch.arange(tokens.shape[1])[None, :] >= lengths[:, None]] = 0
-    return tokens, lengths
+    return random_tokens(n, VOCAB, 1, max_len - 1, seed)
 
 
 def small(**overrides) -> torch.nn.Module:
@@ -89,15 +87,7 @@ def test_forward_backward_finite(overrides):
 def test_loss_decreases_on_a_tiny_batch():
     model = small()
     feats, (tokens, lengths) = fake_features(8), fake_text(8)
-    ids = torch.arange(8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(30):
-        loss = model.training_loss(feats, tokens, lengths, ids)["loss"]
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = loss_curve(model, feats, tokens, lengths, torch.arange(8), lr=1e-3)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.3 * losses[0]
 

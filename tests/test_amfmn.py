@@ -17,6 +17,8 @@ from rsitr.models.amfmn import (
 from rsitr.models.base import TrainingCorpus, take_rows
 from rsitr.models.registry import ModelSpec
 
+from helpers import loss_curve, random_tokens
+
 FEATURE_DIMS = {
     "level_channels": [8, 16, 32, 64], "region_channels": 32, "num_regions": 0,
     "maps": {"layer1": (8, 8), "layer2": (16, 8), "layer3": (32, 4), "layer4": (64, 4)},
@@ -34,17 +36,9 @@ def fake_features(n, seed=0):
     return feats
 
 
-def padded(n, low, high, seed):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(low, high + 1, (n,), generator=g)
-    tokens = torch.randint(1, VOCAB, (n, int(lengths.max())), generator=g)
-    tokens[torch.arange(tokens.shape[1])[None, :] >= lengths[:, None]] = 0
-    return tokens, lengths
-
-
 def fake_text(n, seed=0):
-    tokens, lengths = padded(n, 2, 9, seed)
-    keyword_tokens, keyword_lengths = padded(n, 1, 4, seed + 100)
+    tokens, lengths = random_tokens(n, VOCAB, 2, 9, seed)
+    keyword_tokens, keyword_lengths = random_tokens(n, VOCAB, 1, 4, seed + 100)
     return tokens, lengths, {"keyword_tokens": keyword_tokens, "keyword_lengths": keyword_lengths}
 
 
@@ -95,14 +89,7 @@ def test_ablation_switches_run(overrides):
 def test_loss_decreases_on_a_tiny_batch():
     model = small()
     feats, (tokens, lengths, extras) = fake_features(8), fake_text(8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(30):
-        loss = model.training_loss(feats, tokens, lengths, torch.arange(8), **extras)["loss"]
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = loss_curve(model, feats, tokens, lengths, torch.arange(8), lr=1e-3, **extras)
     assert losses[-1] < 0.5 * losses[0]
 
 

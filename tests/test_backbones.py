@@ -9,6 +9,8 @@ from safetensors.torch import save_file
 from rsitr.backbones import create_backbone, list_backbones, load_backbone_weights
 from rsitr.errors import CheckpointError, ConfigError
 
+from helpers import randomise_batchnorm_statistics, same_levels
+
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
@@ -108,19 +110,7 @@ def test_resnet50_level_channels(r50: torch.nn.Module) -> None:
 def _randomised(seed: int) -> torch.nn.Module:
     """A resnet18 whose BN statistics are non-trivial too, so a lost buffer would show."""
     model = create_backbone("resnet18", seed=seed).eval()
-    g = torch.Generator().manual_seed(seed)
-    for name, buf in model.named_buffers():
-        if name.endswith("running_mean"):
-            buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
-        elif name.endswith("running_var"):
-            buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
-    return model
-
-
-def _same_output(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        return all(torch.equal(p, q) for p, q in zip(a.eval().forward_levels(x), b.eval().forward_levels(x)))
+    return randomise_batchnorm_statistics(model, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -133,8 +123,8 @@ def test_weight_round_trip(tmp_path, suffix: str) -> None:
     else:
         torch.save(state, path)
     loaded = create_backbone("resnet18", weights=path, seed=0)
-    assert _same_output(source, loaded)
-    assert not _same_output(source, create_backbone("resnet18", seed=0))
+    assert same_levels(source, loaded)
+    assert not same_levels(source, create_backbone("resnet18", seed=0))
 
 
 def test_wrapped_prefixed_and_foreign_head_load(tmp_path) -> None:
@@ -146,10 +136,10 @@ def test_wrapped_prefixed_and_foreign_head_load(tmp_path) -> None:
     torch.save({"epoch": 3, "state_dict": state}, path)
     target = create_backbone("resnet18", seed=1)
     load_backbone_weights(target, path)
-    assert _same_output(source, target)
+    assert same_levels(source, target)
     path2 = tmp_path / "model.pth"
     torch.save({"model": source.state_dict()}, path2)
-    assert _same_output(source, create_backbone("resnet18", weights=path2))
+    assert same_levels(source, create_backbone("resnet18", weights=path2))
 
 
 def test_mismatched_weights_raise_checkpoint_error(tmp_path) -> None:

@@ -11,6 +11,8 @@ from rsitr.backbones.inception import LEVEL_NAMES, MIN_INPUT_SIZE, inception_v3,
 from rsitr.data.images import normalize
 from rsitr.errors import CheckpointError
 
+from helpers import randomise_batchnorm_statistics
+
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 #: Convolution units of each block type, in the reference order (each unit is ``<name>.conv`` + ``<name>.bn``).
@@ -62,12 +64,8 @@ def _randomised(seed: int) -> torch.nn.Module:
     """An Inception-v3 with non-trivial BN statistics and affine parameters, so a lost tensor would show."""
     model = create_backbone("inception_v3", seed=seed).eval()
     g = torch.Generator().manual_seed(seed)
+    randomise_batchnorm_statistics(model, g)
     with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
-            elif name.endswith("running_var"):
-                buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
         for name, p in model.named_parameters():
             if name.endswith("bn.bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)

@@ -8,6 +8,8 @@ from rsitr.errors import ConfigError, UnknownModelError
 from rsitr.models import create_model, get_model_spec, list_models
 from rsitr.models.base import take_rows
 
+from helpers import loss_curve, random_tokens
+
 FEATURE_DIMS = {"level_channels": [8, 16, 32, 64], "region_channels": 32}
 VOCAB = 50
 
@@ -23,11 +25,7 @@ def fake_features(n, regions=6, seed=0):
 
 
 def fake_text(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, 9, (n,), generator=g)
-    tokens = torch.randint(1, VOCAB, (n, int(lengths.max())), generator=g)
-    tokens[torch.arange(tokens.shape[1])[None, :] >= lengths[:, None]] = 0
-    return tokens, lengths
+    return random_tokens(n, VOCAB, 2, 8, seed)
 
 
 def small(name, **overrides):
@@ -122,16 +120,8 @@ def test_iga_off_is_separable_and_on_is_pairwise():
 def test_loss_decreases_on_a_tiny_batch():
     model = small("dove")
     feats, (tokens, lengths) = fake_features(8), fake_text(8)
-    ids = torch.arange(8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    first = None
-    for _ in range(30):
-        loss = model.training_loss(feats, tokens, lengths, ids)["loss"]
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.5 * first
+    losses = loss_curve(model, feats, tokens, lengths, torch.arange(8), lr=1e-3)
+    assert losses[-1] < 0.5 * losses[0]
 
 
 def test_registry_errors_and_config_round_trip(tmp_path):

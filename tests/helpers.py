@@ -1,0 +1,62 @@
+"""Builders shared by the test modules: padded random captions, backbones with non-trivial
+BatchNorm statistics, and a short training loop that records the loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def random_tokens(n: int, vocab: int, min_length: int, max_length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` captions of token ids in ``[1, vocab)`` with lengths uniform in ``[min_length, max_length]``.
+
+    Returns ``(tokens, lengths)``; ``tokens`` is as wide as the longest caption, padded with 0.
+    """
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_length, max_length + 1, (n,), generator=g)
+    tokens = torch.randint(1, vocab, (n, int(lengths.max())), generator=g)
+    tokens[torch.arange(tokens.shape[1])[None, :] >= lengths[:, None]] = 0
+    return tokens, lengths
+
+
+def randomise_batchnorm_statistics(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Give every BatchNorm running mean and variance random values, so that a lost buffer shows."""
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn(buf.shape, generator=generator) * 0.1)
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=generator) + 0.5)
+    return model
+
+
+def same_levels(a: nn.Module, b: nn.Module, side: int = 64) -> bool:
+    """Whether two backbones in eval mode give bit-identical ``forward_levels`` on one random batch."""
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        return all(torch.equal(p, q) for p, q in zip(a.eval().forward_levels(x), b.eval().forward_levels(x)))
+
+
+def loss_curve(model: nn.Module, features: dict[str, torch.Tensor], tokens: torch.Tensor, lengths: torch.Tensor,
+               image_ids: torch.Tensor, lr: float, steps: int = 30,
+               after_first_backward: Callable[[nn.Module], None] | None = None,
+               **extras: torch.Tensor) -> list[float]:
+    """Adam steps on one fixed batch; the loss of each step (each checked to be a finite scalar).
+
+    ``after_first_backward(model)`` runs once, after the first backward pass and before the
+    first update, for checks on the first gradients.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        loss = model.training_loss(features, tokens, lengths, image_ids, **extras)["loss"]
+        assert loss.ndim == 0 and torch.isfinite(loss), f"step {step}: loss {loss}"
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0 and after_first_backward is not None:
+            after_first_backward(model)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
