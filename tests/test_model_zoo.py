@@ -164,3 +164,18 @@ def test_word_level_models_score_captions_longer_than_48_tokens(name: str) -> No
     with torch.no_grad():
         words = model.encode_text(tokens[2:4], lengths[2:4])["words"]
     assert words.shape[1] == 49  # the chunk's longest caption, not a fixed width
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_bf16_evaluation_runs_and_gives_float32_scores_close_to_fp32(name: str) -> None:
+    """`--precision bf16` must work for every model, and its scores must not be rounded to bf16 (ties)."""
+    model, dims = _build(name)
+    model.eval()
+    features = _features(model, dims, 6, seed=3)
+    tokens, lengths, extras = _text(8, seed=4)
+    kwargs = {"text_extras": _extras(model, extras), "progress": False, "batch_size": 4}
+    fp32 = compute_similarity(model, features, tokens, lengths, precision="fp32", **kwargs)
+    bf16 = compute_similarity(model, features, tokens, lengths, precision="bf16", **kwargs)
+    assert bf16.dtype == torch.float32
+    assert not torch.equal(bf16, bf16.to(torch.bfloat16).float())  # not on bf16's 8-bit grid
+    assert (bf16 - fp32).abs().max() < 0.1

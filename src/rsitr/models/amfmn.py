@@ -98,6 +98,7 @@ from rsitr.models.base import Encoding, RetrievalModel, TrainingCorpus
 from rsitr.models.layers import (
     FeatureStandardizer,
     cosine_matrix,
+    full_precision,
     length_mask,
     masked_mean,
 )
@@ -419,7 +420,8 @@ class AMFMN(RetrievalModel):
         assert self.vga is not None
         guided = {key: self.vga(visual, value) for key, value in texts.items()}  # s^(v), k^(v)
         text = self._text_feature(guided.get("sentence"), guided.get("keywords"))
-        return (F.normalize(text, dim=-1) * F.normalize(visual, dim=-1)[:, None, :]).sum(-1)
+        with full_precision():  # summed in float32 under bf16 autocast (see layers.full_precision)
+            return (F.normalize(text, dim=-1) * F.normalize(visual, dim=-1)[:, None, :]).sum(-1, dtype=torch.float32)
 
     def similarity(self, images: Encoding, texts: Encoding) -> torch.Tensor:
         visual = images["visual"]

@@ -74,7 +74,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from rsitr.errors import ConfigError
 from rsitr.losses import same_image_mask, triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel
-from rsitr.models.layers import FeatureStandardizer, length_mask
+from rsitr.models.layers import FeatureStandardizer, length_mask, row_cosine
 from rsitr.models.registry import register_architecture
 
 #: The backbone level whose grid DSAN reads (Inception-v3's last block, 2048 channels).
@@ -172,14 +172,8 @@ def attention_weights(sims: torch.Tensor, valid: torch.Tensor, alpha: float, nor
 
 def gated_update(own: torch.Tensor, gate_pre: torch.Tensor, cell_pre: torch.Tensor) -> torch.Tensor:
     """Eq. 10 / 15: ``(1 − g) x + g c`` with ``g = σ(gate_pre)`` and ``c = σ(cell_pre)`` (Eq. 11 / 16)."""
-    return torch.lerp(own, torch.sigmoid(cell_pre), torch.sigmoid(gate_pre))
-
-
-def row_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine of matching rows along the last dimension (a dot product and two norms, no (…, D) temporaries)."""
-    dot = torch.einsum("...d,...d->...", a, b)
-    norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-    return dot / norms.clamp(min=1e-8)
+    # lerp needs one dtype; under autocast ``own`` may be float32 while the products are bf16
+    return torch.lerp(own, torch.sigmoid(cell_pre).to(own.dtype), torch.sigmoid(gate_pre).to(own.dtype))
 
 
 class SemanticAlignment(nn.Module):
@@ -289,7 +283,7 @@ class SemanticAlignment(nn.Module):
             image_side, text_side, tile = self.own_offsets(regions), self.context_values, self._tile_i2t
         else:
             image_side, text_side, tile = self.context_values(regions), self.own_offsets, self._tile_t2i
-        out = regions.new_empty(n_i, n_t)
+        out = regions.new_empty(n_i, n_t, dtype=torch.float32)  # float32 scores under bf16 autocast too
         for t0 in range(0, n_t, cols):
             t = slice(t0, t0 + cols)
             text_part = text_side(words[t])  # per caption chunk: bounded by the tile size

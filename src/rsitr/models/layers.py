@@ -94,6 +94,24 @@ def full_precision() -> torch.autocast:
     return torch.autocast("cpu", enabled=False)
 
 
+def row_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Cosine of matching rows along the last dimension, in float32 even under autocast.
+
+    float32 inputs take one ``einsum`` for the dot product and two norms, with no (…, D)
+    temporaries; lower-precision inputs (bf16 under autocast) multiply in their own dtype and
+    sum in float32 (see :func:`full_precision`).
+    """
+    with full_precision():
+        if a.dtype == torch.float32 and b.dtype == torch.float32:
+            dot = torch.einsum("...d,...d->...", a, b)
+        else:
+            dtype = torch.promote_types(a.dtype, b.dtype)
+            dot = (a.to(dtype) * b.to(dtype)).sum(-1, dtype=torch.float32)
+        norms = (torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32)
+                 * torch.linalg.vector_norm(b, dim=-1, dtype=torch.float32))
+        return dot / norms.clamp(min=eps)
+
+
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(n, m) cosine similarity of the rows of ``a`` (n, d) and ``b`` (m, d), in float32 even under autocast."""
     with full_precision():

@@ -142,6 +142,7 @@ def pool_relevance(relevance: torch.Tensor, query_mask: torch.Tensor, kind: str,
 
     A pair without any valid query fragment scores 0.
     """
+    relevance = relevance.float()  # pooled in float32 under bf16 autocast (see layers.full_precision)
     mask = query_mask.expand_as(relevance)
     if kind == "mean":
         weights = mask.to(relevance.dtype)
