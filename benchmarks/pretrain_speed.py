@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -30,11 +29,8 @@ import torch.nn.functional as F
 
 from rsitr.augment import AugmentConfig, augment_batch
 from rsitr.backbones import create_backbone
+from rsitr.evaluation import autocast
 from rsitr.profiling import best_rates, best_step_seconds, count_flops, format_rates, matmul_rates
-
-
-def _precision(precision: str) -> contextlib.AbstractContextManager[object]:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def make_step(backbone: str, batch: int, size: int, precision: str, channels_last: bool,
@@ -51,7 +47,7 @@ def make_step(backbone: str, batch: int, size: int, precision: str, channels_las
     model.train()
 
     def step() -> None:
-        with _precision(precision):
+        with autocast(precision):
             logits = model(images)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
@@ -115,6 +111,7 @@ def main() -> None:
         print(f"| {backbone} | {precision} | {layout} | {args.batch_size} | {flops / 1e9:.1f} | {seconds:.2f} "
               f"| {args.batch_size / seconds:.1f} | {achieved:.0f} | {achieved / rates[f'mm_{precision}']:.2f} "
               f"| {achieved / rates[f'onednn_{precision}']:.2f} |")
+
 
 if __name__ == "__main__":
     main()

@@ -36,7 +36,7 @@ def same_levels(a: nn.Module, b: nn.Module, side: int = 64) -> bool:
     """Whether two backbones in eval mode give bit-identical ``forward_levels`` on one random batch."""
     x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        return all(torch.equal(p, q) for p, q in zip(a.eval().forward_levels(x), b.eval().forward_levels(x)))
+        return all(torch.equal(p, q) for p, q in zip(a.eval().forward_levels(x), b.eval().forward_levels(x), strict=True))
 
 
 def loss_curve(model: nn.Module, features: dict[str, torch.Tensor], tokens: torch.Tensor, lengths: torch.Tensor,

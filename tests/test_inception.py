@@ -11,7 +11,7 @@ from rsitr.backbones.inception import LEVEL_NAMES, MIN_INPUT_SIZE, inception_v3,
 from rsitr.data.images import normalize
 from rsitr.errors import CheckpointError
 
-from helpers import randomise_batchnorm_statistics
+from helpers import randomise_batchnorm_statistics, same_levels
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -76,10 +76,6 @@ def _levels(model: torch.nn.Module, side: int = 96) -> list[torch.Tensor]:
     x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         return model.eval().forward_levels(x)
-
-
-def _same_levels(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    return all(torch.equal(p, q) for p, q in zip(_levels(a), _levels(b), strict=True))
 
 
 def test_registered_with_its_levels() -> None:
@@ -177,10 +173,10 @@ def test_safetensors_round_trip_through_load_backbone_weights(tmp_path) -> None:
     path = tmp_path / "inception.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     target = create_backbone("inception_v3", seed=1)
-    assert not _same_levels(source, target)
+    assert not same_levels(source, target, side=96)
     load_backbone_weights(target, path)
-    assert _same_levels(source, target)
-    assert _same_levels(source, create_backbone("inception_v3", weights=path))
+    assert same_levels(source, target, side=96)
+    assert same_levels(source, create_backbone("inception_v3", weights=path), side=96)
 
 
 def test_foreign_heads_and_missing_aux_are_skipped(tmp_path) -> None:
@@ -190,7 +186,7 @@ def test_foreign_heads_and_missing_aux_are_skipped(tmp_path) -> None:
     path = tmp_path / "no_aux.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
     target = create_backbone("inception_v3", weights=path)
-    assert _same_levels(source, target)
+    assert same_levels(source, target, side=96)
 
 
 def test_mismatched_weights_raise_checkpoint_error(tmp_path) -> None:

@@ -201,6 +201,7 @@ def test_safetensors_round_trip_ignores_the_head(tmp_path) -> None:
     target = create_backbone("pvig_ti", seed=1)
     load_backbone_weights(target, path)
     assert torch.equal(target.blocks[0][0].relative_pos, source.blocks[0][0].relative_pos)
+    assert same_levels(source, target)  # every loaded tensor, not only the derived position buffer
 
 
 def test_reference_checkpoint_keys_convert(tmp_path) -> None:

@@ -227,7 +227,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         config = load_pretrain_config(args.config, values)
     else:
         config = PretrainConfig(**{k: v for k, v in values.items() if v is not None})
-        config.validate()
     summary = pretrain(config, data, args.out, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     print(f"use it with: --backbone-weights {Path(args.out) / 'backbone.safetensors'}")

@@ -27,7 +27,6 @@ the image list; a file whose metadata does not match is recomputed, never reused
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -50,6 +49,7 @@ from rsitr.data.dataset import RetrievalDataset
 from rsitr.data.images import load_image, normalize
 from rsitr.detections import Detections, lookup, read_detections, select_boxes
 from rsitr.errors import CheckpointError, ConfigError
+from rsitr.evaluation import autocast
 from rsitr.io import save_tensors
 from rsitr.roi import roi_align
 
@@ -389,12 +389,6 @@ def _prefetched(dataset: RetrievalDataset, spec: FeatureSpec, detections: Detect
             yield r, batch
 
 
-def _precision_context(precision: str) -> contextlib.AbstractContextManager[object]:
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def backbone_features(model: Backbone, images: Tensor, boxes: Tensor, mask: Tensor, spec: FeatureSpec,
                       precision: str | None = None) -> dict[str, Tensor]:
     """The features of a batch of images, as :meth:`ImageFeatures.select` returns cached ones.
@@ -417,7 +411,7 @@ def backbone_features(model: Backbone, images: Tensor, boxes: Tensor, mask: Tens
         and ``region_boxes`` as given.
     """
     images = images.contiguous(memory_format=torch.channels_last)
-    with _precision_context(precision or spec.precision):
+    with autocast(precision or spec.precision):
         levels = model.forward_levels(images)
     levels = [lvl.float() for lvl in levels]
     out = {key: lvl.mean(dim=(2, 3)) for key, lvl in zip(LEVEL_KEYS, levels)}
@@ -434,11 +428,6 @@ def backbone_features(model: Backbone, images: Tensor, boxes: Tensor, mask: Tens
         out["regions"] = pooled.mean(dim=(3, 4)) * mask.unsqueeze(-1).to(torch.float32)
     out["region_mask"], out["region_boxes"] = mask, boxes
     return out
-
-
-def _compute_batch(model: Backbone, batch: _Batch, spec: FeatureSpec) -> dict[str, Tensor]:
-    """Pooled levels and region features of one loaded batch (float32 out, whatever the precision)."""
-    return backbone_features(model, batch.images, batch.boxes, batch.mask, spec)
 
 
 def _allocate(n: int, spec: FeatureSpec) -> dict[str, Tensor]:
@@ -471,7 +460,7 @@ def compute_features(dataset: RetrievalDataset, spec: FeatureSpec, batch_size: i
     bar = tqdm(total=n, desc="features", unit="img", disable=not progress)
     with torch.inference_mode(), bar:
         for rows, batch in _prefetched(dataset, spec, detections, batch_size):
-            result = _compute_batch(model, batch, spec)
+            result = backbone_features(model, batch.images, batch.boxes, batch.mask, spec)
             sl = slice(rows.start, rows.stop)
             for key in LEVEL_KEYS:
                 out[key][sl] = result[key]

@@ -44,7 +44,6 @@ Files written into ``out_dir``::
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -67,8 +66,9 @@ from tqdm.auto import tqdm
 from rsitr.augment import AugmentConfig, augment_batch, eval_transform
 from rsitr.backbones import Backbone, backbone_info, create_backbone
 from rsitr.data.imagefolder import ClassificationData
-from rsitr.data.images import IMAGENET_MEAN, IMAGENET_STD, read_image
+from rsitr.data.images import IMAGENET_MEAN, IMAGENET_STD, normalize, read_image
 from rsitr.errors import ConfigError
+from rsitr.evaluation import autocast
 from rsitr.io import atomic_path, save_tensors, write_json, write_text
 
 BACKBONE_FILE = "backbone.safetensors"
@@ -281,17 +281,9 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _precision(precision: str) -> contextlib.AbstractContextManager[object]:
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _normalise(images: Tensor, channels_last: bool) -> Tensor:
     """ImageNet mean/std normalisation of a [0, 1] batch, in the requested memory layout."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=images.dtype).view(1, 3, 1, 1)
-    out = (images - mean) / std
+    out = normalize(images)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()
 
 
@@ -374,7 +366,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Split
         donor_targets, own_share = targets, 1.0
         if config.cutmix > 0 and float(torch.rand((), generator=cutmix_rng)) < config.cutmix:
             images, donor_targets, own_share = cutmix_batch(images, targets, cutmix_rng)
-        with _precision(config.precision):
+        with autocast(config.precision):
             logits = model(_normalise(images, config.channels_last))
         loss = own_share * F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
         if own_share < 1.0:
@@ -419,7 +411,7 @@ def recalibrate_batchnorm(model: nn.Module, data: _Split, config: PretrainConfig
     try:
         for chunk in _eval_chunks(chosen, config.eval_batch_size or 2 * config.batch_size):
             images = eval_transform(data.images[chunk], config.image_size)
-            with _precision(config.precision):
+            with autocast(config.precision):
                 model(_normalise(images, config.channels_last))
     finally:
         for m, momentum in zip(norms, momenta):
@@ -434,7 +426,7 @@ def evaluate(model: nn.Module, data: _Split, config: PretrainConfig, num_classes
     loss_sum, predictions = 0.0, []
     for start in range(0, len(data.labels), batch_size):
         images = eval_transform(data.images[start:start + batch_size], config.image_size)
-        with _precision(config.precision):
+        with autocast(config.precision):
             logits = model(_normalise(images, config.channels_last)).float()
         loss_sum += float(F.cross_entropy(logits, data.labels[start:start + batch_size], reduction="sum"))
         predictions.append(logits.argmax(dim=1))

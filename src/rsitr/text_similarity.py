@@ -31,9 +31,9 @@ Speed. Training needs S for every (caption, image) pair of a batch (about 100 ×
 over corpora of up to 40k captions. :class:`PriorSimilarity` therefore tokenises the training
 captions once, gives every word n-gram, stem and stem bigram an integer id, and stores per caption
 its (id, count) lists and per image the maximal count of each n-gram over its captions (BLEU's
-clipping table). A batch block is then a few small dense matrix products: for integer counts
-``min(a, b) = sum_k [a >= k][b >= k]``, so the clipped matches of every (caption, image) pair are
-``sum_k (C >= k) @ (R >= k)^T`` over the n-grams present in the batch's captions.
+clipping table). A batch block then lays the references out as a dense table over the n-grams
+present in the batch's captions, and every caption entry adds ``min(count, table)`` to its row:
+a gather and a segment sum (:func:`clipped_matches`).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 
 from rsitr.augment import AugmentConfig, Geometry, affine_matrices, color_jitter, eval_transform, sample_geometry, warp
 from rsitr.backbones import Backbone, create_backbone
-from rsitr.config import RunConfig, config_from_dict
+from rsitr.config import RunConfig, load_config
 from rsitr.data import RetrievalDataset, load_dataset
 from rsitr.data.images import normalize
 from rsitr.detections import lookup, read_detections, select_boxes
@@ -252,22 +252,21 @@ def build_model(prepared: Prepared, fit_statistics: bool = True) -> RetrievalMod
 
 
 def evaluate_split(model: RetrievalModel, prepared: Prepared, split: str, batch_size: int, progress: bool = True,
-                   data: SplitData | None = None, precision: str | None = None,
-                   image_features: dict[str, Tensor] | None = None) -> tuple[dict[str, float], Tensor, SplitData]:
+                   data: SplitData | None = None, precision: str | None = None) -> tuple[dict[str, float], Tensor, SplitData]:
     """Metrics, similarity matrix and caption data of one split.
 
     Args:
         data: the split already tokenised (else tokenised here).
         precision: ``"fp32"`` or ``"bf16"`` for the model (and a trained backbone); None = the
             run's ``train.precision``.
-        image_features: features of ``data.image_ids``, row-aligned (else from the cache, or
-            computed with ``prepared.backbone`` in an end-to-end run).
+
+    Image features come from the cache, or in an end-to-end run from ``prepared.backbone``
+    (:func:`split_image_features`).
     """
     precision = precision or prepared.config.train.precision
     if data is None:
         data = split_data(prepared.dataset, split, prepared.vocab, prepared.config.text.max_length, model.text_inputs)
-    if image_features is None:
-        image_features = split_image_features(prepared, data.image_ids, precision, progress)
+    image_features = split_image_features(prepared, data.image_ids, precision, progress)
     sims = compute_similarity(model, image_features, data.tokens, data.lengths, batch_size=batch_size, progress=progress,
                               text_extras=data.extras, precision=precision)
     return recall_metrics(sims, data.caption_local_image), sims, data
@@ -364,13 +363,11 @@ def load_run(run_dir: str | Path, progress: bool = True) -> tuple[RetrievalModel
     For an end-to-end run the trained backbone is loaded too (``prepared.backbone``) and the
     frozen cache is not read: :func:`evaluate_split` computes the split's features with it.
     """
-    import yaml
-
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise CheckpointError(run_dir, "not a run directory (no config.yaml)")
-    config = config_from_dict(yaml.safe_load(config_path.read_text(encoding="utf-8")), str(config_path))
+    config = load_config(config_path)
     vocab = Vocabulary.load(run_dir / "vocab.json")
     end_to_end = config.train.train_backbone
     prepared = prepare(config, vocab=vocab, progress=progress, extract=not end_to_end)
@@ -603,14 +600,12 @@ def _augment_generator(seed: int, epoch: int) -> torch.Generator:
 
 def _same_config(run_dir: Path, config: RunConfig) -> bool:
     """Whether ``run_dir/config.yaml`` (if any) describes ``config``; keys it lacks take their defaults."""
-    import yaml
-
     path = run_dir / "config.yaml"
     if not path.exists():
         return True
     try:
-        saved = config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")) or {}, str(path))
-    except (ConfigError, yaml.YAMLError, TypeError):
+        saved = load_config(path)
+    except (ConfigError, TypeError):
         return False
     return saved.to_yaml() == config.to_yaml()
 
@@ -662,12 +657,8 @@ def train(config: RunConfig, run_dir: str | Path, progress: bool = True, log=pri
         started = time.perf_counter()
         terms = _train_epoch(model, optimizer, prepared, train_data, epoch, progress)
         train_seconds = time.perf_counter() - started
-        val_features = None
-        if backbone is not None:
-            val_features = compute_store_features(backbone, prepared.images, val_data.image_ids, prepared.feature_spec,
-                                                  config.train.precision, config.features.batch_size, progress)
         metrics, _, _ = evaluate_split(model, prepared, config.data.val_split, config.train.eval_batch_size, progress=False,
-                                       data=val_data, image_features=val_features)
+                                       data=val_data)
         lrs = {"lr": optimizer.param_groups[0]["lr"]}
         if backbone is not None:
             lrs["backbone_lr"] = optimizer.param_groups[1]["lr"]
@@ -729,9 +720,8 @@ def _train_epoch(model: RetrievalModel, optimizer, prepared: Prepared, data: Spl
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if config.grad_clip > 0:  # after backward, before step; per group so one cannot starve the other
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if backbone is not None:
-                torch.nn.utils.clip_grad_norm_(_trainable_backbone_parameters(backbone), config.grad_clip)
+            for group in optimizer.param_groups:
+                torch.nn.utils.clip_grad_norm_(group["params"], config.grad_clip)
         optimizer.step()
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from rsitr.config import read_named_yaml
 from rsitr.errors import ConfigError, UnknownModelError
 from rsitr.models.base import RetrievalModel
 
@@ -87,7 +88,6 @@ def list_models() -> list[str]:
 
 
 def _read_model_yaml(name: str | Path) -> tuple[dict[str, Any], str]:
-    from rsitr.config import read_named_yaml
 
     return read_named_yaml(name, _config_dir(), "model", list_models, UnknownModelError)
 
