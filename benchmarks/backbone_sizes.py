@@ -26,7 +26,7 @@ import torch
 from rsitr.data.imagefolder import load_classification_data
 from rsitr.errors import ConfigError
 from rsitr.io import load_tensors
-from rsitr.pretrain import BACKBONE_FILE, BACKBONE_JSON, PretrainConfig, _Split, build_classifier, decode_images, evaluate
+from rsitr_train.pretrain import BACKBONE_FILE, BACKBONE_JSON, PretrainConfig, _Split, build_classifier, decode_images, evaluate
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ backbone forward (``forward_levels``) at the image size; it is the same for both
 leaves out RoIAlign and pooling, which are small. Images/s times FLOPs per image gives the
 achieved GFLOP/s, reported as a fraction of the matmul rates of the row's precision (fp32 rows
 against fp32 rates, bf16 rows against bf16 rates), through ``torch.mm`` and through oneDNN, as
-:func:`rsitr.profiling.matmul_rates` measures them before and after the timed runs (the higher
+:func:`rsitr_train.profiling.matmul_rates` measures them before and after the timed runs (the higher
 kept). The achieved rate includes whatever decoding the overlap fails to hide, so it is a lower
 bound on the backbone's own rate. Numbers on a shared machine are rough.
 
@@ -35,7 +35,7 @@ from rsitr.backbones import create_backbone
 from rsitr.data.dataset import RetrievalDataset
 from rsitr.data.images import load_image
 from rsitr.features import FeatureSpec, compute_features
-from rsitr.profiling import best_rates, count_flops, format_rates, matmul_rates
+from rsitr_train.profiling import best_rates, count_flops, format_rates, matmul_rates
 
 
 def make_dataset(root: Path, count: int, size: int) -> RetrievalDataset:

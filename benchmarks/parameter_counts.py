@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from rsitr.experiments import backbone_parameters
+from rsitr_train.experiments import backbone_parameters
 from rsitr.features import FeatureSpec, feature_dims
 from rsitr.models import create_model, get_model_spec, list_models
 from rsitr.models.registry import get_model_reference

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rsitr.evaluation import chance_metrics, format_table
 from rsitr.features import extract_features
-from rsitr.training import Prepared, evaluate_split, load_run
+from rsitr_train.trainer import Prepared, evaluate_split, load_run
 
 PRECISIONS = ("fp32", "bf16")
 

@@ -2,7 +2,7 @@
 
 Not a test: a measurement to choose ``PretrainConfig.precision`` and ``channels_last`` and to see
 how close a training step gets to the machine's matmul rate. One step is what
-:func:`rsitr.pretrain.train_epoch` does per batch: forward, cross-entropy, backward and an SGD
+:func:`rsitr_train.pretrain.train_epoch` does per batch: forward, cross-entropy, backward and an SGD
 (Nesterov momentum) update, on random inputs of the configured size.
 
 ``torch.utils.flop_counter.FlopCounterMode`` counts the floating-point work of one step (forward
@@ -27,10 +27,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from rsitr.augment import AugmentConfig, augment_batch
+from rsitr_train.augment import AugmentConfig, augment_batch
 from rsitr.backbones import create_backbone
 from rsitr.evaluation import autocast
-from rsitr.profiling import best_rates, best_step_seconds, count_flops, format_rates, matmul_rates
+from rsitr_train.profiling import best_rates, best_step_seconds, count_flops, format_rates, matmul_rates
 
 
 def make_step(backbone: str, batch: int, size: int, precision: str, channels_last: bool,
@@ -63,7 +63,7 @@ def step_flops(backbone: str, batch: int, size: int) -> float:
 
 
 def augment_rate(batch: int, size: int, repeats: int = 3) -> float:
-    """Images/s of :func:`rsitr.augment.augment_batch` from uint8 at 8/7 of ``size`` to ``size``."""
+    """Images/s of :func:`rsitr_train.augment.augment_batch` from uint8 at 8/7 of ``size`` to ``size``."""
     stored = round(size * 8 / 7)
     images = torch.randint(0, 256, (batch, 3, stored, stored), dtype=torch.uint8)
     config, generator = AugmentConfig(), torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ CPU bfloat16 autocast (:func:`rsitr.evaluation.autocast`), as training does for
 ``torch.utils.flop_counter`` counts the floating-point work of a step (the same for both
 precisions); dividing by the step time gives the achieved rate, reported as a fraction of the
 matmul rates of the step's precision, through ``torch.mm`` and through oneDNN, as
-:func:`rsitr.profiling.matmul_rates` measures them before and after the timed steps (the higher
+:func:`rsitr_train.profiling.matmul_rates` measures them before and after the timed steps (the higher
 kept). The best of the timed steps is reported because other work on a shared machine only ever
 slows a step down.
 
@@ -25,7 +25,7 @@ import torch
 from rsitr.evaluation import autocast
 from rsitr.features import FeatureSpec, feature_dims
 from rsitr.models import create_model, get_model_spec
-from rsitr.profiling import best_rates, best_step_seconds, count_flops, format_rates, matmul_rates
+from rsitr_train.profiling import best_rates, best_step_seconds, count_flops, format_rates, matmul_rates
 
 
 def batch(dims: dict, n: int, length: int, vocab: int):

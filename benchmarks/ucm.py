@@ -33,13 +33,13 @@ import statistics
 import time
 from pathlib import Path
 
-from rsitr.config import load_config
+from rsitr_train.config import load_config
 from rsitr.data.imagefolder import load_classification_data
 from rsitr.evaluation import chance_metrics, class_oracle_metrics, format_table
 from rsitr.errors import ConfigError
 from rsitr.io import write_json
-from rsitr.pretrain import PretrainConfig, pretrain
-from rsitr.training import evaluate_split, feature_spec, load_run, prepare, train
+from rsitr_train.pretrain import PretrainConfig, pretrain
+from rsitr_train.trainer import evaluate_split, feature_spec, load_run, prepare, train
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ucm_captions"
 

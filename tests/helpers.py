@@ -1,9 +1,11 @@
 """Builders shared by the test modules: padded random captions, backbones with non-trivial
-BatchNorm statistics, and a short training loop that records the loss."""
+BatchNorm statistics, a short training loop that records the loss, and a tap on rsitr's log."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -60,3 +62,26 @@ def loss_curve(model: nn.Module, features: dict[str, torch.Tensor], tokens: torc
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+class _CallbackHandler(logging.Handler):
+    def __init__(self, callback: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self.callback = callback
+
+    def emit(self, record: logging.LogRecord) -> None:  # exceptions raised by the callback propagate
+        self.callback(record.getMessage())
+
+
+@contextlib.contextmanager
+def log_lines(callback: Callable[[str], None]) -> Iterator[None]:
+    """Pass every message rsitr logs at INFO or above to ``callback`` while the block runs."""
+    logger = logging.getLogger("rsitr")
+    handler, level = _CallbackHandler(callback), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -11,8 +11,9 @@ from torch.nn import functional as F
 from rsitr.errors import ConfigError
 from rsitr.features import FeatureSpec, feature_dims
 from rsitr.models import create_model, get_model_spec
-from rsitr.models.acf import AcfConfig, NodeStandardizer, correct_attention, filter_attention
+from rsitr.models.acf import AcfConfig, as_nodes, correct_attention, filter_attention
 from rsitr.models.base import take_rows
+from rsitr.models.layers import FeatureStandardizer
 from rsitr.models.registry import ModelSpec
 
 from helpers import loss_curve, random_tokens
@@ -277,11 +278,11 @@ def test_missing_maps_are_clear_errors():
 
 
 def test_node_standardizer_fits_every_node_and_ignores_region_mask():
-    std = NodeStandardizer({"map_stage2": 12})
+    std = FeatureStandardizer({"map_stage2": 12}, moments="std_mean")
     feats = fake_features(20, seed=3)
     feats["map_stage2"] = feats["map_stage2"] * 3 + torch.arange(12.0)[None, :, None, None]
     std.fit(feats)
-    nodes = std("map_stage2", feats["map_stage2"])
+    nodes = as_nodes(std("map_stage2", feats["map_stage2"]))
     assert tuple(nodes.shape) == (20, 49, 12)
     flat = nodes.reshape(-1, 12)
     assert torch.allclose(flat.mean(0), torch.zeros(12), atol=1e-5)
@@ -304,9 +305,10 @@ def test_head_parameter_count_with_paper_dimensions():
 
 def test_trains_and_evaluates_end_to_end_on_cached_vig_maps(tiny_synth, tmp_path):
     """The real path: pvig_s maps cached from the shipped YAML, trainer-fitted standardiser, chunked scoring."""
-    from rsitr.cli import evaluate_run
-    from rsitr.config import load_config
-    from rsitr.training import load_run, train
+    from rsitr_train.runs import evaluate_run
+    from rsitr_train.config import load_config
+    from rsitr_train.runs import load_run
+    from rsitr_train.trainer import train
 
     overrides = [
         f"data.path={tiny_synth}", f"features.cache_dir={tmp_path / 'cache'}", "features.precision=fp32",
@@ -314,7 +316,7 @@ def test_trains_and_evaluates_end_to_end_on_cached_vig_maps(tiny_synth, tmp_path
         "train.epochs=1", "train.batch_size=16", "train.lr=0.001", "train.eval_batch_size=7",
     ]
     run = tmp_path / "run"
-    summary = train(load_config(None, overrides), run, progress=False, log=lambda *_: None)
+    summary = train(load_config(None, overrides), run, progress=False)
     assert summary["best_epoch"] == 1
     model, prepared = load_run(run, progress=False)
     assert set(prepared.features.maps) == {"map_stage2", "map_stage3", "map_stage4"}

@@ -12,11 +12,11 @@ from rsitr.losses import triplet_ranking_loss
 from rsitr.models import create_model, get_model_spec
 from rsitr.models.amfmn import (
     dynamic_margin,
-    plot_salient_masks,
 )
 from rsitr.models.base import TrainingCorpus, take_rows
 from rsitr.models.registry import ModelSpec
 
+from rsitr_train.plots import plot_salient_masks
 from helpers import loss_curve, random_tokens
 
 FEATURE_DIMS = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rsitr.augment import (
+from rsitr_train.augment import (
     AugmentConfig,
     augment_batch,
     color_jitter,

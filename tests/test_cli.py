@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from rsitr.cli import main
+from rsitr_cli.main import main
 
 
 def test_synth_info_features_models(tmp_path, capsys):

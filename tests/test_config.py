@@ -1,6 +1,6 @@
 import pytest
 
-from rsitr.config import load_config
+from rsitr_train.config import load_config
 from rsitr.errors import ConfigError
 
 

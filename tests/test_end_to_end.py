@@ -10,28 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from rsitr import training
-from rsitr.augment import AugmentConfig, sample_geometry, warp
+from rsitr_train import trainer as training
+from rsitr_train.augment import AugmentConfig, sample_geometry, warp
 from rsitr.backbones import create_backbone
-from rsitr.cli import evaluate_run, main
-from rsitr.config import load_config
+from rsitr_cli.main import main
+from rsitr_train.runs import evaluate_run
+from rsitr_train.config import load_config
 from rsitr.data import load_dataset
 from rsitr.errors import ConfigError
 from rsitr.evaluation import compute_similarity
 from rsitr.features import FeatureSpec, extract_features
-from rsitr.training import (
-    BACKBONE_CHECKPOINT,
-    CHECKPOINT,
-    RESUME,
-    compute_store_features,
-    evaluate_split,
-    load_image_store,
-    load_run,
-    train,
-    transform_boxes,
-)
+from rsitr_train.end_to_end import compute_store_features, load_image_store, transform_boxes
+from rsitr_train.loop import RESUME
+from rsitr_train.runs import BACKBONE_CHECKPOINT, CHECKPOINT, load_run
+from rsitr_train.trainer import evaluate_split, train
 
-QUIET = {"progress": False, "log": lambda *_: None}
+QUIET = {"progress": False}
 
 
 def e2e_overrides(dataset, cache, epochs: int = 1, **extra) -> list[str]:
@@ -219,6 +213,6 @@ def test_bad_settings_are_one_line_config_errors(tiny_synth, tmp_path, monkeypat
     def frozen_backbone(*args, **kwargs):
         return create_backbone(*args, **kwargs).requires_grad_(False)
 
-    monkeypatch.setattr(training, "create_backbone", frozen_backbone)
+    monkeypatch.setattr("rsitr_train.end_to_end.create_backbone", frozen_backbone)
     with pytest.raises(ConfigError, match="no trainable parameters"):
         train(e2e_config(tiny_synth, tmp_path / "cache"), tmp_path / "run", **QUIET)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from rsitr import experiments
-from rsitr.cli import main
+from rsitr_train import experiments
+from rsitr_cli.main import main
 from rsitr.errors import ConfigError
-from rsitr.experiments import RunResult, Variant, aggregate, list_studies, load_study, markdown_tables, variant_config
+from rsitr_train.experiments import RunResult, Variant, aggregate, list_studies, load_study, markdown_tables, variant_config
 
 
 def _result(label: str, seed: int, mr: float, r1: float) -> RunResult:
@@ -80,7 +80,7 @@ def test_benchmark_end_to_end_and_reuse(tiny_synth, tmp_path, monkeypatch, capsy
     def no_training(*args, **kwargs):
         raise AssertionError("finished runs must be reused")
 
-    monkeypatch.setattr("rsitr.training.train", no_training)
+    monkeypatch.setattr("rsitr_train.trainer.train", no_training)
     assert main(argv) == 0
     again = json.loads((out / "benchmark.json").read_text())
     assert [r["metrics"] for r in again["runs"]] == [r["metrics"] for r in runs]

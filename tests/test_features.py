@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import rsitr.features as features_mod
+import rsitr.features.compute as features_mod
 from rsitr.backbones import create_backbone
 from rsitr.data.dataset import RetrievalDataset
 from rsitr.errors import CheckpointError, ConfigError
@@ -22,7 +22,7 @@ from rsitr.features import (
     load_features,
     save_features,
 )
-from rsitr.roi import default_boxes
+from rsitr.features.roi import default_boxes
 
 SIZES = [(80, 60), (64, 64), (50, 90), (70, 70)]
 
@@ -50,7 +50,7 @@ SPEC = FeatureSpec(backbone="resnet18", image_size=64)
 
 
 class _CountingFactory:
-    """Wraps ``create_backbone`` to count calls (monkeypatched into ``rsitr.features``)."""
+    """Wraps ``create_backbone`` to count calls (monkeypatched into ``rsitr.features.compute``)."""
 
     def __init__(self) -> None:
         self.calls = 0

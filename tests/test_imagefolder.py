@@ -20,7 +20,7 @@ from rsitr.data.imagefolder import (
     stratified_split,
 )
 from rsitr.errors import DatasetError, ImageReadError, SplitNotFoundError
-from rsitr.pretrain import decode_images
+from rsitr.data.images import decode_images
 
 COUNTS = {"harbor": 4, "beach": 5, "forest": 7}
 

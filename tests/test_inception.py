@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from rsitr.backbones import backbone_info, create_backbone, list_backbones, load_backbone_weights
 from rsitr.backbones.inception import LEVEL_NAMES, MIN_INPUT_SIZE, inception_v3, level_sizes
+from rsitr.backbones import IMAGENET_MEAN, IMAGENET_STD
 from rsitr.data.images import normalize
 from rsitr.errors import CheckpointError
 
@@ -157,7 +158,7 @@ def test_random_init_keeps_activations_bounded(net: torch.nn.Module) -> None:
 def test_transform_input_maps_normalised_pixels_to_unit_range() -> None:
     with_transform = inception_v3()
     pixels = torch.stack([torch.zeros(3, 4, 4), torch.full((3, 4, 4), 0.5), torch.ones(3, 4, 4)])
-    out = with_transform.prepare_input(normalize(pixels))
+    out = with_transform.prepare_input(normalize(pixels, IMAGENET_MEAN, IMAGENET_STD))
     assert torch.allclose(out[0], torch.full_like(out[0], -1.0), atol=1e-5)
     assert torch.allclose(out[1], torch.zeros_like(out[1]), atol=1e-5)
     assert torch.allclose(out[2], torch.ones_like(out[2]), atol=1e-5)

@@ -130,14 +130,15 @@ PIPELINE = {
 
 @pytest.mark.parametrize("name", sorted(PIPELINE))
 def test_one_epoch_through_the_pipeline(name: str, tiny_synth, tmp_path) -> None:
-    from rsitr.config import load_config
-    from rsitr.training import evaluate_split, load_run, train
+    from rsitr_train.config import load_config
+    from rsitr_train.runs import load_run
+    from rsitr_train.trainer import evaluate_split, train
 
     spec = get_model_spec(name)
     overrides = [f"data.path={tiny_synth}", f"model.name={name}", "features.image_size=64", "features.precision=fp32",
                  f"features.cache_dir={tmp_path / 'cache'}", "train.epochs=1", "train.batch_size=20",
                  *(f"model.params.{k}={v}" for k, v in _small_overrides(spec).items()), *PIPELINE[name]]
-    summary = train(load_config(None, overrides), tmp_path / "run", progress=False, log=lambda *_: None)
+    summary = train(load_config(None, overrides), tmp_path / "run", progress=False)
     assert summary["best_epoch"] == 1
     model, prepared = load_run(tmp_path / "run", progress=False)
     metrics, sims, data = evaluate_split(model, prepared, "test", batch_size=5, progress=False)

@@ -13,17 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
-from rsitr.augment import AugmentConfig
+from rsitr_train.augment import AugmentConfig
 from rsitr.backbones import create_backbone
 from rsitr.data.imagefolder import ClassificationData, load_imagefolder
 from rsitr.errors import ConfigError
 from rsitr.io import load_tensors
-from rsitr.pretrain import (
+from helpers import log_lines
+from rsitr_train.loop import METRICS, RESUME
+from rsitr_train.pretrain import (
     BACKBONE_FILE,
     BACKBONE_JSON,
     CURVES,
-    METRICS,
-    RESUME,
     PretrainConfig,
     _Split,
     build_classifier,
@@ -48,10 +48,6 @@ class Interrupt(Exception):
     """Raised from the log callback to stop a run after its first epoch."""
 
 
-def _quiet(_: str) -> None:
-    pass
-
-
 @pytest.fixture(scope="module")
 def colour_data(tmp_path_factory) -> ClassificationData:
     """Three easily separated classes: noisy solid red, green and blue images (48 px PNGs)."""
@@ -68,7 +64,7 @@ def colour_data(tmp_path_factory) -> ClassificationData:
 @pytest.fixture(scope="module")
 def fp32_run(colour_data, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("fp32")
-    return out, pretrain(TINY, colour_data, out, progress=False, log=_quiet)
+    return out, pretrain(TINY, colour_data, out, progress=False)
 
 
 def _state(path: Path) -> dict[str, torch.Tensor]:
@@ -123,11 +119,12 @@ def test_interrupted_run_resumes_to_the_same_weights(fp32_run, colour_data, tmp_
         if line.startswith("epoch 1/"):
             raise Interrupt
 
-    with pytest.raises(Interrupt):
-        pretrain(TINY, colour_data, tmp_path, progress=False, log=stop_after_first_epoch)
+    with pytest.raises(Interrupt), log_lines(stop_after_first_epoch):
+        pretrain(TINY, colour_data, tmp_path, progress=False)
     assert torch.load(tmp_path / RESUME, weights_only=True)["epoch"] == 0
     lines: list[str] = []
-    pretrain(TINY, colour_data, tmp_path, progress=False, log=lines.append)
+    with log_lines(lines.append):
+        pretrain(TINY, colour_data, tmp_path, progress=False)
     assert any(line.startswith("resuming") for line in lines)
     assert sum(line.startswith("epoch ") for line in lines) == 1
     expected, resumed = _state(reference / RESUME), _state(tmp_path / RESUME)
@@ -145,15 +142,15 @@ def test_interrupted_run_resumes_to_the_same_weights(fp32_run, colour_data, tmp_
 def test_resume_refuses_another_configuration(fp32_run, colour_data) -> None:
     out, _ = fp32_run
     with pytest.raises(ConfigError, match="another configuration"):
-        pretrain(replace(TINY, lr=0.02), colour_data, out, progress=False, log=_quiet)
+        pretrain(replace(TINY, lr=0.02), colour_data, out, progress=False)
     # a finished run with the same config has nothing left to do and reports its summary
-    summary = pretrain(replace(TINY, threads=2), colour_data, out, progress=False, log=_quiet)  # threads may differ
+    summary = pretrain(replace(TINY, threads=2), colour_data, out, progress=False)  # threads may differ
     assert summary["epochs"] == 2
 
 
 def test_bf16_run_trains_and_differs_from_fp32(fp32_run, colour_data, tmp_path: Path) -> None:
     reference, _ = fp32_run
-    summary = pretrain(replace(TINY, precision="bf16"), colour_data, tmp_path, progress=False, log=_quiet)
+    summary = pretrain(replace(TINY, precision="bf16"), colour_data, tmp_path, progress=False)
     assert summary["epochs"] == 2 and summary["best_val_acc"] >= 0.75
     bf16, fp32 = _state(tmp_path / RESUME), _state(reference / RESUME)
     assert all(torch.isfinite(v).all() for v in bf16.values() if v.is_floating_point())
@@ -193,7 +190,7 @@ def test_schedule_and_batches() -> None:
                                  dict(label_smoothing=1.0), dict(cutmix=1.5)])
 def test_invalid_configuration_is_a_config_error(bad: dict, colour_data, tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
-        pretrain(replace(TINY, **bad), colour_data, tmp_path, progress=False, log=_quiet)
+        pretrain(replace(TINY, **bad), colour_data, tmp_path, progress=False)
 
 
 def test_config_round_trips_through_a_dict() -> None:
@@ -232,7 +229,7 @@ def test_cutmix_box_stays_inside_and_covers_the_drawn_share_on_average() -> None
 
 
 def test_cutmix_run_trains(colour_data, tmp_path: Path) -> None:
-    summary = pretrain(replace(TINY, cutmix=1.0), colour_data, tmp_path, progress=False, log=_quiet)
+    summary = pretrain(replace(TINY, cutmix=1.0), colour_data, tmp_path, progress=False)
     assert summary["epochs"] == 2 and math.isfinite(summary["best_val_acc"])
     history = list(csv.DictReader(open(tmp_path / METRICS)))
     assert all(math.isfinite(float(row["train_loss"])) for row in history)
@@ -247,8 +244,7 @@ def test_yaml_config_loads_with_overrides(tmp_path: Path) -> None:
 
 
 def test_shipped_recipe_is_valid() -> None:
-    recipe = Path(__file__).resolve().parents[1] / "configs" / "pretrain_ucm_r18.yaml"
-    config = load_pretrain_config(recipe)
+    config = load_pretrain_config("pretrain_ucm_r18")  # shipped recipes load by name
     assert config.backbone == "resnet18" and config.cutmix > 0
 
 

@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rsitr.profiling import best_rates, count_flops, matmul_rates
+from rsitr_train.profiling import best_rates, count_flops, matmul_rates
 
 
 def test_count_flops_matmul_is_two_mkn():
@@ -32,7 +32,7 @@ def test_best_rates_keeps_the_higher_per_key():
 
 
 def test_format_rates_names_each_rate() -> None:
-    from rsitr.profiling import format_rates
+    from rsitr_train.profiling import format_rates
 
     line = format_rates({"mm_fp32": 221.4, "mm_bf16": 931.0, "onednn_fp32": 483.0, "onednn_bf16": 985.6}, "same run")
     assert line == "matmul rate (GFLOP/s, same run): torch.mm fp32 221, torch.mm bf16 931, oneDNN fp32 483, oneDNN bf16 986"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from rsitr.detections import read_detections, select_boxes
+from rsitr.features.detections import read_detections, select_boxes
 from rsitr.errors import DatasetError
-from rsitr.roi import default_boxes, roi_align
+from rsitr.features.roi import default_boxes, roi_align
 
 
 def _bilinear(fmap: torch.Tensor, y: float, x: float) -> torch.Tensor:

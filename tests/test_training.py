@@ -8,11 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rsitr.cli import evaluate_run, main
-from rsitr.config import load_config
+from rsitr_cli.main import main
+from rsitr_train.runs import evaluate_run
+from rsitr_train.config import load_config
 from rsitr.errors import CheckpointError, ConfigError
 from rsitr.text import Vocabulary
-from rsitr.training import CHECKPOINT, load_model_weights, load_run, train
+from rsitr.bundle import load_model_weights
+from rsitr_train.runs import CHECKPOINT, load_run
+from rsitr_train.trainer import train
 
 
 def tiny_config(dataset, cache, epochs=2, **extra):
@@ -26,7 +29,7 @@ def tiny_config(dataset, cache, epochs=2, **extra):
 
 def test_train_writes_a_complete_run(tiny_synth, tmp_path):
     run = tmp_path / "run"
-    summary = train(tiny_config(tiny_synth, tmp_path / "cache"), run, progress=False, log=lambda *_: None)
+    summary = train(tiny_config(tiny_synth, tmp_path / "cache"), run, progress=False)
     for name in ("config.yaml", "vocab.json", CHECKPOINT, "model.json", "resume.pt", "metrics.csv", "training_curves.png"):
         assert (run / name).is_file(), name
     rows = (run / "metrics.csv").read_text().strip().splitlines()
@@ -38,9 +41,9 @@ def test_train_writes_a_complete_run(tiny_synth, tmp_path):
 def test_interrupted_run_resumes_to_the_same_weights(tiny_synth, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     straight = tmp_path / "straight"
-    train(tiny_config(tiny_synth, cache, epochs=2), straight, progress=False, log=lambda *_: None)
+    train(tiny_config(tiny_synth, cache, epochs=2), straight, progress=False)
 
-    from rsitr import training
+    from rsitr_train import trainer as training
 
     original = training._train_epoch
     calls = {"n": 0}
@@ -54,9 +57,9 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_synth, tmp_path, monke
     resumed = tmp_path / "resumed"
     monkeypatch.setattr(training, "_train_epoch", crash_on_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tiny_synth, cache, epochs=2), resumed, progress=False, log=lambda *_: None)
+        train(tiny_config(tiny_synth, cache, epochs=2), resumed, progress=False)
     monkeypatch.setattr(training, "_train_epoch", original)
-    train(tiny_config(tiny_synth, cache, epochs=2), resumed, progress=False, log=lambda *_: None)
+    train(tiny_config(tiny_synth, cache, epochs=2), resumed, progress=False)
 
     a = torch.load(straight / "resume.pt", weights_only=True)["model"]
     b = torch.load(resumed / "resume.pt", weights_only=True)["model"]
@@ -74,7 +77,7 @@ def test_same_seed_same_result_different_seed_differs(tiny_synth, tmp_path):
     cache = tmp_path / "cache"
     runs = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        train(tiny_config(tiny_synth, cache, epochs=1, **{"train.seed": seed}), tmp_path / name, progress=False, log=lambda *_: None)
+        train(tiny_config(tiny_synth, cache, epochs=1, **{"train.seed": seed}), tmp_path / name, progress=False)
         runs.append(load_file(str(tmp_path / name / CHECKPOINT)))
     key = "word_embedding.weight"
     assert torch.equal(runs[0][key], runs[1][key])
@@ -83,7 +86,7 @@ def test_same_seed_same_result_different_seed_differs(tiny_synth, tmp_path):
 
 def test_evaluation_does_not_depend_on_batch_size(tiny_synth, tmp_path):
     run = tmp_path / "run"
-    train(tiny_config(tiny_synth, tmp_path / "cache", epochs=1), run, progress=False, log=lambda *_: None)
+    train(tiny_config(tiny_synth, tmp_path / "cache", epochs=1), run, progress=False)
     results = [evaluate_run(run, "test", bs, tmp_path / f"eval{bs}.json", progress=False)["metrics"] for bs in (1, 5, 512)]
     assert results[0] == results[1] == results[2]
     saved = json.loads((tmp_path / "eval5.json").read_text())
@@ -93,7 +96,7 @@ def test_evaluation_does_not_depend_on_batch_size(tiny_synth, tmp_path):
 
 def test_checkpoint_of_another_model_or_vocabulary_is_refused(tiny_synth, tmp_path):
     run = tmp_path / "run"
-    train(tiny_config(tiny_synth, tmp_path / "cache", epochs=1), run, progress=False, log=lambda *_: None)
+    train(tiny_config(tiny_synth, tmp_path / "cache", epochs=1), run, progress=False)
     model, prepared = load_run(run, progress=False)
     other_vocab = Vocabulary.build(["a completely different vocabulary"])
     with pytest.raises(CheckpointError, match="vocabulary"):
@@ -107,7 +110,7 @@ def test_checkpoint_of_another_model_or_vocabulary_is_refused(tiny_synth, tmp_pa
 
 def test_resume_with_a_different_config_is_refused(tiny_synth, tmp_path):
     run = tmp_path / "run"
-    train(tiny_config(tiny_synth, tmp_path / "cache", epochs=1), run, progress=False, log=lambda *_: None)
+    train(tiny_config(tiny_synth, tmp_path / "cache", epochs=1), run, progress=False)
     with pytest.raises(ConfigError, match="another config"):
         train(tiny_config(tiny_synth, tmp_path / "cache", epochs=1, **{"train.lr": 0.5}), run, progress=False)
 
@@ -148,7 +151,7 @@ def test_missing_or_corrupt_image_is_named_and_nothing_is_cached(tmp_path, capsy
 
 
 def test_glove_initialises_the_word_embedding(tiny_synth, tmp_path):
-    from rsitr.training import build_model, prepare
+    from rsitr_train.trainer import build_model, prepare
 
     glove = tmp_path / "glove.txt"
     glove.write_text("image " + " ".join(["0.5"] * 16) + "\nzzzunseen " + " ".join(["9"] * 16) + "\n")

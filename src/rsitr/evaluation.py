@@ -19,11 +19,15 @@ the reference rank; with ties it can only be worse, never better.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+
+from rsitr.data.tokenized import SplitData
+from rsitr.models.base import Encoding, RetrievalModel, concat_encodings, take_rows
+from rsitr.precision import autocast
+from rsitr.progress import progress_bar
 
 RECALL_KS = (1, 5, 10)
 METRIC_KEYS = (
@@ -193,20 +197,52 @@ SCORE_IMAGE_BLOCK = 128
 SCORE_CAPTION_BLOCK = 4096
 
 
-#: Accepted values of ``compute_similarity``'s ``precision``.
-PRECISIONS = ("fp32", "bf16")
-
-
-def autocast(precision: str) -> contextlib.AbstractContextManager[object]:
-    """CPU bfloat16 autocast for ``"bf16"``, nothing for ``"fp32"``; ValueError for anything else."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+@torch.no_grad()
+def encode_image_chunks(model: RetrievalModel, image_features: dict[str, torch.Tensor], batch_size: int = 256,
+                        precision: str = "fp32") -> Encoding:
+    """Image encodings of every row of ``image_features``, computed ``batch_size`` rows at a time."""
+    model.eval()
+    n_images = next(iter(image_features.values())).shape[0]
+    with autocast(precision):
+        return concat_encodings([model.encode_image(take_rows(image_features, slice(i, i + batch_size)))
+                                 for i in range(0, n_images, max(1, batch_size))])
 
 
 @torch.no_grad()
+def encode_text_chunks(model: RetrievalModel, tokens: torch.Tensor, lengths: torch.Tensor, batch_size: int = 256,
+                       text_extras: dict[str, torch.Tensor] | None = None, precision: str = "fp32") -> Encoding:
+    """Caption encodings, ``batch_size`` captions at a time, each chunk cut to its longest caption."""
+    model.eval()
+    parts = []
+    with autocast(precision):
+        for c in range(0, tokens.shape[0], max(1, batch_size)):
+            chunk_lengths = lengths[c : c + batch_size]
+            extras = {name: value[c : c + batch_size] for name, value in (text_extras or {}).items()}
+            parts.append(model.encode_text(tokens[c : c + batch_size, : int(chunk_lengths.max())], chunk_lengths, **extras))
+    return concat_encodings(parts)
+
+
+def encoding_rows(encoding: Encoding) -> int:
+    """How many items an encoding holds (all its tensors share the first dimension)."""
+    return int(next(iter(encoding.values())).shape[0])
+
+
+@torch.no_grad()
+def score_encodings(model: RetrievalModel, images: Encoding, texts: Encoding, precision: str = "fp32",
+                    progress: bool = False) -> torch.Tensor:
+    """The (n_images, n_texts) float32 score matrix of two encodings, block by fixed-size block."""
+    model.eval()
+    n_images, n_texts = encoding_rows(images), encoding_rows(texts)
+    with autocast(precision), progress_bar(total=n_images * n_texts, desc="scoring pairs", unit="pair",
+                                           unit_scale=True, enabled=progress) as bar:
+        return blockwise_similarity(
+            lambda rows, cols: model.similarity(take_rows(images, rows), take_rows(texts, cols)),
+            n_images, n_texts, SCORE_IMAGE_BLOCK, SCORE_CAPTION_BLOCK, progress=bar.update,
+        )
+
+
 def compute_similarity(
-    model,
+    model: RetrievalModel,
     image_features: dict[str, torch.Tensor],
     tokens: torch.Tensor,
     lengths: torch.Tensor,
@@ -223,26 +259,15 @@ def compute_similarity(
     ``precision="bf16"`` runs encoding and scoring under CPU bfloat16 autocast (about twice as fast
     on CPUs with bf16 instructions); the scores are returned as float32 either way.
     """
-    from tqdm.auto import tqdm
+    images = encode_image_chunks(model, image_features, batch_size, precision)
+    texts = encode_text_chunks(model, tokens, lengths, batch_size, text_extras, precision)
+    return score_encodings(model, images, texts, precision, progress)
 
-    from rsitr.models.base import concat_encodings, take_rows
 
-    model.eval()
-    n_images = next(iter(image_features.values())).shape[0]
-    n_captions = tokens.shape[0]
-    with autocast(precision):
-        images = concat_encodings([
-            model.encode_image(take_rows(image_features, slice(i, i + batch_size))) for i in range(0, n_images, batch_size)
-        ])
-        texts = []
-        for c in range(0, n_captions, batch_size):
-            chunk_lengths = lengths[c : c + batch_size]
-            extras = {name: value[c : c + batch_size] for name, value in (text_extras or {}).items()}
-            texts.append(model.encode_text(tokens[c : c + batch_size, : int(chunk_lengths.max())], chunk_lengths, **extras))
-        text_encoding = concat_encodings(texts)
-        with tqdm(total=n_images * n_captions, desc="scoring pairs", unit="pair", unit_scale=True, disable=not progress,
-                  leave=False) as bar:
-            return blockwise_similarity(
-                lambda rows, cols: model.similarity(take_rows(images, rows), take_rows(text_encoding, cols)),
-                n_images, n_captions, SCORE_IMAGE_BLOCK, SCORE_CAPTION_BLOCK, progress=bar.update,
-            )
+def evaluate_features(model: RetrievalModel, image_features: dict[str, torch.Tensor], data: SplitData,
+                      batch_size: int = 256, precision: str = "fp32",
+                      progress: bool = True) -> tuple[dict[str, float], torch.Tensor]:
+    """Metrics and score matrix of one split, given the features of its images (rows = ``data.image_ids``)."""
+    sims = compute_similarity(model, image_features, data.tokens, data.lengths, batch_size=batch_size,
+                              progress=progress, text_extras=data.extras, precision=precision)
+    return recall_metrics(sims, data.caption_local_image), sims

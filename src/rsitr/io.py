@@ -1,8 +1,13 @@
-"""Atomic file writing: nothing rsitr writes is ever left half-written.
+"""Reading and writing files: atomic writes, safetensors, JSON and YAML, and strict keys.
 
 Every writer goes through :func:`atomic_path`: the content is written to a temporary file in the
 same directory and renamed over the target only once it is complete, so an interrupted run leaves
 either the old file or the new one, never a truncated one.
+
+Every YAML file rsitr reads (run configs, model configs, studies, pretraining recipes) goes through
+:func:`read_yaml_mapping` or :func:`read_named_yaml` (``yaml.safe_load``, one-line errors naming
+the file), and every mapping of settings is checked with :func:`check_keys`: a key that does
+nothing is a trap, so an unknown key is an error that lists the valid ones.
 """
 
 from __future__ import annotations
@@ -13,10 +18,15 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
+
+from rsitr.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -63,3 +73,68 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file into CPU tensors."""
     return load_file(str(path), device="cpu")
+
+
+def check_keys(values: Mapping[str, Any], valid: Iterable[str], where: str, what: str = "key", prefix: str = "") -> None:
+    """ConfigError ``"{where}: unknown {what}(s) a, b; valid: ..."`` when ``values`` has keys outside ``valid``.
+
+    ``prefix`` is written before each unknown key (``"train."`` names ``train.epoch``).
+    """
+    allowed = list(valid)
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        names = ", ".join(f"{prefix}{key}" for key in unknown)
+        raise ConfigError(f"{where}: unknown {what}(s) {names}; valid: {', '.join(sorted(allowed))}")
+
+
+def _parse_yaml(text: str, source: str | Path) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({exc.__class__.__name__})") from exc
+
+
+def read_yaml_mapping(path: str | Path, shape_error: str) -> dict[str, Any]:
+    """The mapping a YAML file holds; one-line ConfigErrors naming the file otherwise.
+
+    ``shape_error`` completes the message when the file holds something other than a mapping
+    (e.g. "a run config must be a mapping of sections"). An empty file is an empty mapping.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from exc
+    data = _parse_yaml(text, path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {shape_error}")
+    return data
+
+
+def read_named_yaml(name: str | Path, folder: Traversable, kind: str, available: Callable[[], list[str]],
+                    error: type[Exception] = ConfigError) -> tuple[dict[str, Any], str]:
+    """A user's YAML file given by path, or the shipped ``folder/<name>.yaml``; returns (data, label).
+
+    ``folder`` is an :mod:`importlib.resources` traversable, ``available`` lists the shipped names
+    for the error message, ``kind`` is the word used in messages ("model", "study", "config").
+    """
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"{path}: {kind} file not found")
+        text, label = path.read_text(encoding="utf-8"), path.stem
+    else:
+        resource = folder / f"{name}.yaml"
+        if not resource.is_file():
+            raise error(f"unknown {kind} {str(name)!r}; available: {', '.join(available())}")
+        text, label = resource.read_text(encoding="utf-8"), str(name)
+    data = _parse_yaml(text, name) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: a {kind} config must be a mapping")
+    return data, label
+
+
+def list_yaml_names(folder: Traversable) -> list[str]:
+    """Stems of the ``*.yaml`` files of a packaged folder, sorted."""
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))

@@ -46,3 +46,11 @@ def triplet_ranking_loss(
     if reduction == "hardest":
         return cost_caption.max(dim=1).values.mean() + cost_image.max(dim=0).values.mean()
     return cost_caption.sum(dim=1).mean() + cost_image.sum(dim=0).mean()
+
+
+def vse_ranking_loss(sims: torch.Tensor, image_ids: torch.Tensor, margin: float, hardest: bool) -> torch.Tensor:
+    """VSE++'s ℓ_MH (hardest negative) or ℓ_SH (summed hinges), captions of one image never negatives.
+
+    The loss of VSE++ and SCAN on a (B, B) score matrix whose diagonal holds the positive pairs.
+    """
+    return triplet_ranking_loss(sims, same_image_mask(image_ids), margin, reduction="hardest" if hardest else "sum")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rsitr.errors import DatasetError
+from rsitr.errors import ConfigError, DatasetError
 from rsitr.io import write_json
 
 PAD_INDEX = 0
@@ -140,6 +140,21 @@ def keyword_inputs(
         words = [w for phrase in given for w in tokenize(phrase) if w not in STOP_WORDS] if given else []
         texts.append(" ".join(words or sentence_keywords(caption) or tokenize(caption)))
     return encode_batch(vocab, texts, max_length)
+
+
+def text_inputs(vocab: Vocabulary, captions: Sequence[str], names: Sequence[str],
+                keywords: Sequence[Sequence[str]] | None = None) -> dict[str, torch.Tensor]:
+    """The extra text inputs a model declares (``RetrievalModel.text_inputs``) for these captions.
+
+    ``"keywords"`` gives ``keyword_tokens`` and ``keyword_lengths`` (:func:`keyword_inputs`); with
+    ``keywords=None`` they come from each caption's own words, as for any free-text query.
+    """
+    extras: dict[str, torch.Tensor] = {}
+    for name in names:
+        if name != "keywords":
+            raise ConfigError(f"unknown text input {name!r} (known: keywords)")
+        extras["keyword_tokens"], extras["keyword_lengths"] = keyword_inputs(vocab, captions, keywords)
+    return extras
 
 
 def load_glove(path: str | Path, vocab: Vocabulary, dim: int) -> tuple[torch.Tensor, int]:

@@ -9,53 +9,28 @@ is reproducible and does not disturb the global RNG. With weights, the file is l
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from rsitr.backbones.base import Backbone, BackboneInfo
+from rsitr.backbones.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    BackboneInfo,
+    backbone_info,
+    list_backbones,
+    register_backbone,
+)
 from rsitr.backbones.resnet import LEVEL_NAMES, LEVEL_STRIDES, ResNet, resnet18, resnet50
-from rsitr.errors import CheckpointError, ConfigError
-
-#: Modules of this package that define backbones; each exposes ``BACKBONES: dict[str, BackboneInfo]``.
-#: A new backbone family is one module plus its name here.
-_BACKBONE_MODULES = ("resnet", "inception", "vig")
-
-
-def _build_registry() -> dict[str, BackboneInfo]:
-    registry: dict[str, BackboneInfo] = {}
-    for module_name in _BACKBONE_MODULES:
-        module = importlib.import_module(f"rsitr.backbones.{module_name}")
-        registry.update(module.BACKBONES)
-    return registry
-
-
-_REGISTRY: dict[str, BackboneInfo] = _build_registry()
+from rsitr.errors import CheckpointError
 
 #: Top-level keys under which training scripts commonly nest the actual state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 #: Key prefixes added by DataParallel/DDP (``module.``) and by detector/retrieval wrappers.
 _PREFIXES = ("module.", "backbone.", "model.")
-
-
-def list_backbones() -> list[str]:
-    """Names accepted by :func:`create_backbone`, sorted."""
-    return sorted(_REGISTRY)
-
-
-def backbone_info(name: str) -> BackboneInfo:
-    """Static info of backbone ``name``.
-
-    Raises:
-        ConfigError: ``name`` is not registered; the message lists the available names.
-    """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown backbone {name!r} (available: {', '.join(list_backbones())})") from None
 
 
 def create_backbone(name: str, weights: str | Path | None = None, seed: int = 0) -> Backbone:
@@ -155,6 +130,8 @@ def load_backbone_weights(model: Backbone, path: str | Path) -> None:
 
 
 __all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "LEVEL_NAMES",
     "LEVEL_STRIDES",
     "Backbone",
@@ -164,6 +141,7 @@ __all__ = [
     "create_backbone",
     "list_backbones",
     "load_backbone_weights",
+    "register_backbone",
     "resnet18",
     "resnet50",
 ]

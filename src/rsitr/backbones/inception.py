@@ -41,8 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rsitr.backbones.base import Backbone, BackboneInfo
-from rsitr.data.images import IMAGENET_MEAN, IMAGENET_STD
+from rsitr.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, register_backbone
 
 #: Names of the four levels returned by :meth:`Inception3.forward_levels`, finest first.
 LEVEL_NAMES = ("conv2d_4a", "mixed_5d", "mixed_6e", "mixed_7c")
@@ -332,12 +331,7 @@ def level_sizes(side: int) -> tuple[int, int, int, int]:
     return conv_4a, mixed_5d, mixed_6e, mixed_7c
 
 
+@register_backbone("inception_v3", LEVEL_CHANNELS, LEVEL_STRIDES, LEVEL_NAMES, input_size=INPUT_SIZE)
 def inception_v3(num_classes: int = 1000, aux_logits: bool = True, transform_input: bool = True) -> Inception3:
     """Inception-v3 laid out as torchvision's, with the auxiliary classifier (27.16 M parameters)."""
     return Inception3(num_classes=num_classes, aux_logits=aux_logits, transform_input=transform_input)
-
-
-#: The Inception networks this module registers (see :mod:`rsitr.backbones`).
-BACKBONES = {
-    "inception_v3": BackboneInfo(inception_v3, LEVEL_CHANNELS, LEVEL_STRIDES, LEVEL_NAMES, input_size=INPUT_SIZE),
-}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rsitr.backbones.base import Backbone, BackboneInfo
+from rsitr.backbones.base import Backbone, register_backbone
 
 #: Names of the four stages whose outputs form the multiscale features (DOVE Eq. 1).
 LEVEL_NAMES = ("layer1", "layer2", "layer3", "layer4")
@@ -143,18 +143,13 @@ class ResNet(Backbone):
         return x if pre_logits else self.fc(x)
 
 
+@register_backbone("resnet18", (64, 128, 256, 512), LEVEL_STRIDES, LEVEL_NAMES)
 def resnet18(num_classes: int = 1000) -> ResNet:
     """ResNet-18: BasicBlock x [2, 2, 2, 2], levels of 64/128/256/512 channels."""
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, name="resnet18")
 
 
+@register_backbone("resnet50", (256, 512, 1024, 2048), LEVEL_STRIDES, LEVEL_NAMES)
 def resnet50(num_classes: int = 1000) -> ResNet:
     """ResNet-50 (v1.5): Bottleneck x [3, 4, 6, 3], levels of 256/512/1024/2048 channels."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, name="resnet50")
-
-
-#: The ResNets this module registers (see :mod:`rsitr.backbones`).
-BACKBONES = {
-    "resnet18": BackboneInfo(resnet18, (64, 128, 256, 512), LEVEL_STRIDES, LEVEL_NAMES),
-    "resnet50": BackboneInfo(resnet50, (256, 512, 1024, 2048), LEVEL_STRIDES, LEVEL_NAMES),
-}

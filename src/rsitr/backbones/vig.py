@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from rsitr.backbones.base import Backbone, BackboneInfo
+from rsitr.backbones.base import Backbone, register_backbone
 
 #: Names of the four stage outputs returned by :meth:`PyramidViG.forward_levels`.
 LEVEL_NAMES = ("stage1", "stage2", "stage3", "stage4")
@@ -377,21 +377,17 @@ def rename_reference_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return renamed
 
 
+@register_backbone("pvig_ti", (48, 96, 240, 384), LEVEL_STRIDES, LEVEL_NAMES, input_size=224)
 def pvig_ti(num_classes: int = 1000) -> PyramidViG:
     """Pyramid ViG-Ti: widths 48/96/240/384, depths 2/2/6/2, k = 9 (10.7 M parameters)."""
     return PyramidViG((48, 96, 240, 384), (2, 2, 6, 2), k=9, num_classes=num_classes, name="pvig_ti")
 
 
+@register_backbone("pvig_s", (80, 160, 400, 640), LEVEL_STRIDES, LEVEL_NAMES, input_size=224)
 def pvig_s(num_classes: int = 1000) -> PyramidViG:
     """Pyramid ViG-S: widths 80/160/400/640, depths 2/2/6/2, k = 9 (27.3 M parameters)."""
     return PyramidViG((80, 160, 400, 640), (2, 2, 6, 2), k=9, num_classes=num_classes, name="pvig_s")
 
 
-#: The Pyramid ViGs this module registers (see :mod:`rsitr.backbones`).
-BACKBONES = {
-    "pvig_ti": BackboneInfo(pvig_ti, (48, 96, 240, 384), LEVEL_STRIDES, LEVEL_NAMES, input_size=224),
-    "pvig_s": BackboneInfo(pvig_s, (80, 160, 400, 640), LEVEL_STRIDES, LEVEL_NAMES, input_size=224),
-}
-
-__all__ = ["BACKBONES", "LEVEL_NAMES", "LEVEL_STRIDES", "PyramidViG", "knn_graph", "max_relative",
+__all__ = ["LEVEL_NAMES", "LEVEL_STRIDES", "PyramidViG", "knn_graph", "max_relative",
            "pvig_s", "pvig_ti", "rename_reference_keys", "sincos_relative_position"]

@@ -21,9 +21,9 @@ Choices where the paper is silent or ambiguous (each is a config field where it 
 * **Frozen, cached backbone.** The paper does not say whether ViG is fine-tuned. Here it is frozen
   and its stage outputs are cached (``features.maps`` of the model YAML): ``stage2``, ``stage3``
   and ``stage4`` adaptive-average-pooled to 7 × 7, i.e. 49 nodes each. Everything from Eq. 1 on
-  is trained. Each map is standardised per channel with training-split statistics
-  (:class:`NodeStandardizer`) before Eq. 1. Cached features also mean that the paper's image
-  augmentation during training (cropping, rotation; Sec. 4.2) is not applied.
+  is trained. Each map is standardised per channel with training-split statistics over all
+  nodes (``layers.FeatureStandardizer``) before Eq. 1. Cached features also mean that the
+  paper's image augmentation during training (cropping, rotation; Sec. 4.2) is not applied.
 * **Levels.** "Low" and "mid" level (Eq. 1) are the outputs of stages 2 and 3 (28 × 28 and
   14 × 14 nodes at 224 px, pooled to the 7 × 7 patch grid); the "last layer" x_t (Eq. 2) is
   stage 4, the 7 × 7 node graph itself.
@@ -81,12 +81,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rsitr.errors import ConfigError
 from rsitr.losses import same_image_mask, triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel
-from rsitr.models.layers import FeatureStandardizer, cosine_matrix, length_mask, masked_mean
+from rsitr.models.layers import FeatureStandardizer, RecurrentTextEncoder, cosine_matrix, length_mask, masked_mean
 from rsitr.models.registry import register_architecture
 
 #: Backbone levels read from the feature cache: low and mid (Eq. 1) and the last layer x_t (Eq. 2).
@@ -202,28 +201,6 @@ def base_attention(cosines: torch.Tensor, word_mask: torch.Tensor, attend_words:
 def as_nodes(feature_map: torch.Tensor) -> torch.Tensor:
     """(n, C, h, w) backbone map → (n, h·w, C) node features, row-major node order."""
     return feature_map.flatten(2).transpose(1, 2)
-
-
-class NodeStandardizer(FeatureStandardizer):
-    """:class:`FeatureStandardizer` for cached node maps (n, C, h, w); every node is one sample.
-
-    The base class would treat a (n, N, C) tensor as padded regions with a ``region_mask``; node
-    maps have no padding, so :meth:`fit` pools all nodes of all training images per channel.
-    """
-
-    @torch.no_grad()
-    def fit(self, features: dict[str, torch.Tensor], mask_key: str = "region_mask") -> None:
-        """Mean and std of every channel over all nodes of all images; ``mask_key`` is not used."""
-        for key in self.keys:
-            x = features[key].float()
-            over = (0, 2, 3) if x.dim() == 4 else tuple(range(x.dim() - 1))  # all but the channel axis
-            std, mean = torch.std_mean(x, dim=over)
-            getattr(self, f"{key}_mean").copy_(mean)
-            getattr(self, f"{key}_std").copy_(std.clamp(min=1e-6))
-
-    def forward(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        """Standardised nodes (n, h·w, C) of a map (n, C, h, w); (…, C) input keeps its shape."""
-        return super().forward(key, as_nodes(x) if x.dim() == 4 else x)
 
 
 class NodeFusion(nn.Module):
@@ -376,10 +353,10 @@ class ACF(RetrievalModel):
         super().__init__(config)
         channels = self._map_channels(feature_dims)
         d = config.embed_dim
-        self.standardize = NodeStandardizer({f"map_{level}": c for level, c in channels.items()})
+        self.standardize = FeatureStandardizer({f"map_{level}": c for level, c in channels.items()}, moments="std_mean")
         self.nodes = NodeFusion(channels[LOW_LEVEL], channels[MID_LEVEL], channels[TOP_LEVEL], d, config.fusion)
         self.word_embedding = nn.Embedding(vocab_size, config.word_dim, padding_idx=0)
-        self.gru = nn.GRU(config.word_dim, d, batch_first=True, bidirectional=True)  # Eq. 3
+        self.gru = RecurrentTextEncoder(config.word_dim, d)  # Eq. 3
         self.gat = WordGAT(d, config.gat_heads) if config.gat else None
         self.scorer = AttentionScorer(config)
 
@@ -404,7 +381,7 @@ class ACF(RetrievalModel):
 
     def encode_image(self, features: dict[str, torch.Tensor]) -> Encoding:
         """Regions v_i (n, N, d) and global v^(g) (n, d) from the standardised node maps."""
-        low, mid, top = (self.standardize(key, features[key]) for key in self.image_inputs)
+        low, mid, top = (as_nodes(self.standardize(key, features[key])) for key in self.image_inputs)
         regions, global_ = self.nodes(low, mid, top)  # Eq. 1–2
         return {"regions": regions, "global": global_}
 
@@ -414,13 +391,8 @@ class ACF(RetrievalModel):
         L is the chunk's longest caption; chunks of different widths are joined by
         ``concat_encodings``, which zero-pads the word axis.
         """
-        length = int(lengths.max())
-        embedded = self.word_embedding(tokens[:, :length])
-        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=length)
-        d = self.config.embed_dim
-        words = (hidden[..., :d] + hidden[..., d:]) / 2  # Eq. 3, directions averaged
-        mask = length_mask(lengths.to(words.device), length)
+        states = self.gru.encode(self.word_embedding(tokens[:, : int(lengths.max())]), lengths)
+        words, mask = states.words(), states.mask  # Eq. 3, directions averaged
         if self.gat is not None:
             words = self.gat(words, mask)
         words = words * mask[..., None].to(words.dtype)

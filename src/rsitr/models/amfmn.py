@@ -19,7 +19,7 @@ Choices where the paper is silent or ambiguous (each is a config field where it 
 
 * **Frozen backbone.** The paper fine-tunes ResNet-18; here the backbone is frozen and its outputs
   are cached (``rsitr.features``), so only the heads train. Cached features are standardised per
-  channel with training-split statistics (:class:`MapStandardizer`, buffers in the checkpoint).
+  channel with training-split statistics (``layers.FeatureStandardizer``, buffers in the checkpoint).
 * **Which layers.** Eq. 6–9 speak of five CNN layers, the first three upsampled into the low-level
   features and the last two into the high-level ones. The cache holds the four ResNet stages, and
   we split them two and two: low level = layer1 + layer2 (stride 4 and 8: fine detail, small
@@ -90,18 +90,11 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rsitr.errors import ConfigError
 from rsitr.losses import same_image_mask, triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel, TrainingCorpus
-from rsitr.models.layers import (
-    FeatureStandardizer,
-    cosine_matrix,
-    full_precision,
-    length_mask,
-    masked_mean,
-)
+from rsitr.models.layers import FeatureStandardizer, RecurrentTextEncoder, cosine_matrix, full_precision
 from rsitr.models.registry import register_architecture
 
 TEXT_MODES = ("sentence", "keywords", "both")
@@ -164,30 +157,6 @@ def dynamic_margin(prior: torch.Tensor, gamma: float, beta: float) -> torch.Tens
 # ---------------------------------------------------------------------------------- image side
 
 
-class MapStandardizer(FeatureStandardizer):
-    """Per-channel standardisation of pooled vectors (n, C) and of spatial maps (n, C, h, w).
-
-    A map's statistics are taken over images and positions, so every channel of the map is
-    standardised alike at every position; like the base class, the statistics are buffers fitted
-    once on the training split and fixed afterwards.
-    """
-
-    @torch.no_grad()
-    def fit(self, features: dict[str, torch.Tensor], mask_key: str = "region_mask") -> None:
-        """Estimate mean and std of every channel of the keys this standardiser holds."""
-        for key in self.keys:
-            x = features[key].float()
-            dims = (0, 2, 3) if x.dim() == 4 else (0,)
-            getattr(self, f"{key}_mean").copy_(x.mean(dim=dims))
-            getattr(self, f"{key}_std").copy_(x.std(dim=dims).clamp(min=1e-6))
-
-    def forward(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        mean, std = getattr(self, f"{key}_mean"), getattr(self, f"{key}_std")
-        if x.dim() == 4:
-            mean, std = mean[:, None, None], std[:, None, None]
-        return (x.float() - mean) / std
-
-
 class MVSA(nn.Module):
     """Multiscale Visual Self-Attention (Eq. 14–19) and the salient mask it puts on v^(g)."""
 
@@ -230,16 +199,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.relu(self.fc1(x)))
-
-
-def recurrent_mean(gru: nn.GRU, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean over the valid steps of ``(h_f + h_b) / 2`` of a bidirectional GRU (Eq. 10–12)."""
-    steps = embedded.shape[1]
-    packed = pack_padded_sequence(embedded, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-    hidden, _ = pad_packed_sequence(gru(packed)[0], batch_first=True, total_length=steps)
-    half = hidden.shape[-1] // 2
-    states = (hidden[..., :half] + hidden[..., half:]) / 2
-    return masked_mean(states, length_mask(lengths, steps))
 
 
 # ----------------------------------------------------------------------------------------- VGMF
@@ -344,12 +303,12 @@ class AMFMN(RetrievalModel):
             standardized.update({MAP_PREFIX + lvl: c for lvl, c in zip((*LOW_LEVELS, *HIGH_LEVELS), (*low, *high), strict=True)})
             self.mvsa = MVSA(sum(low), sum(high), low_size // high_size, high_size,
                              config.multiscale_channels, config.mask_channels, d)
-        self.standardize = MapStandardizer(standardized)
+        self.standardize = FeatureStandardizer(standardized)
         self.word_embedding = nn.Embedding(vocab_size, config.word_dim, padding_idx=0)
         uses_sentence = config.text_mode in ("sentence", "both")
         uses_keywords = config.text_mode in ("keywords", "both")
-        self.sentence_gru = nn.GRU(config.word_dim, d, batch_first=True, bidirectional=True) if uses_sentence else None
-        self.keyword_gru = nn.GRU(config.word_dim, d, batch_first=True, bidirectional=True) if uses_keywords else None
+        self.sentence_gru = RecurrentTextEncoder(config.word_dim, d) if uses_sentence else None
+        self.keyword_gru = RecurrentTextEncoder(config.word_dim, d) if uses_keywords else None
         self.keyword_mlp = MLP(d) if uses_keywords else None  # Eq. 13
         self.vga = None if config.attention == "none" else VisualGuidedAttention(config.attention, d, config.sim_measure)
         self.fusion = DynamicFusion(d, config.fusion_gate) if config.text_mode == "both" else None
@@ -395,12 +354,12 @@ class AMFMN(RetrievalModel):
         """
         out: Encoding = {}
         if self.sentence_gru is not None:
-            out["sentence"] = recurrent_mean(self.sentence_gru, self.word_embedding(tokens), lengths)  # Eq. 10–12
+            out["sentence"] = self.sentence_gru.encode(self.word_embedding(tokens), lengths).mean()  # Eq. 10–12
         if self.keyword_gru is not None and self.keyword_mlp is not None:
             have_keywords = keyword_tokens is not None and keyword_lengths is not None
             if have_keywords or self.sentence_gru is None:
                 words, counts = (keyword_tokens, keyword_lengths) if have_keywords else (tokens, lengths)
-                states = recurrent_mean(self.keyword_gru, self.word_embedding(words), counts)
+                states = self.keyword_gru.encode(self.word_embedding(words), counts).mean()
                 out["keywords"] = self.keyword_mlp(states)  # Eq. 13
         return out
 
@@ -475,51 +434,3 @@ class AMFMN(RetrievalModel):
 
 
 # ------------------------------------------------------------------------------------------ plot
-
-
-def plot_salient_masks(images: Sequence[np.ndarray], masks: np.ndarray | torch.Tensor, path: str | Path,
-                       titles: Sequence[str] | None = None, normalize: bool = True) -> Path:
-    """Fig. 10 layout: per image a column with the image, its salient mask, and the mask over the image.
-
-    Args:
-        images: H × W × 3 uint8 arrays (any sizes).
-        masks: (n, h, w) masks, e.g. :meth:`AMFMN.salient_mask`; drawn stretched over each image.
-        path: the PNG to write (atomically: a temporary file in the same folder, then renamed).
-        titles: optional caption above each column.
-        normalize: stretch every mask to its own min–max range for display (sigmoid gates of a
-            trained model often span a narrow band).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rsitr.io import atomic_path
-
-    masks = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    if len(images) != len(masks) or len(images) == 0:
-        raise ValueError(f"need one mask per image and at least one image, got {len(images)} images and {len(masks)} masks")
-    fig, axes = plt.subplots(3, len(images), figsize=(2.4 * len(images), 7.2), squeeze=False)
-    for column, (image, mask) in enumerate(zip(images, masks, strict=True)):
-        mask = mask.astype(np.float64)
-        if normalize:
-            mask = (mask - mask.min()) / max(float(np.ptp(mask)), 1e-12)
-        height, width = image.shape[:2]
-        extent = (0, width, height, 0)
-        axes[0, column].imshow(image)
-        axes[1, column].imshow(mask, cmap="jet", vmin=0, vmax=1, extent=extent, interpolation="bilinear")
-        axes[2, column].imshow(image)
-        axes[2, column].imshow(mask, cmap="jet", vmin=0, vmax=1, alpha=0.45, extent=extent, interpolation="bilinear")
-        if titles is not None:
-            axes[0, column].set_title(str(titles[column]), fontsize=8)
-        for row in range(3):
-            axes[row, column].set_axis_off()
-    for row, label in enumerate(("image", "salient mask", "overlay")):
-        axes[row, 0].text(-0.05, 0.5, label, transform=axes[row, 0].transAxes, rotation=90, ha="right", va="center")
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
-

@@ -93,6 +93,10 @@ class RetrievalModel(nn.Module):
     #: pipeline pass ``keyword_tokens`` (n, K) and ``keyword_lengths`` (n,) to ``encode_text``
     #: and ``training_loss`` (see ``rsitr.text.keyword_inputs``).
     text_inputs: ClassVar[tuple[str, ...]] = ()
+    #: keys ``(image_key, text_key)`` of a separable pair of embeddings in the encodings, whose
+    #: cosine ranks candidates without the full (pairwise) score: a first retrieval stage that a
+    #: vector index can serve. None when the model has no such pair.
+    first_stage: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, config: Any) -> None:
         super().__init__()

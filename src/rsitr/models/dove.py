@@ -45,17 +45,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rsitr.losses import same_image_mask, triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel
 from rsitr.models.layers import (
     FeatureStandardizer,
     GatedSelfAttention,
+    RecurrentTextEncoder,
     ResidualMLP,
     cosine_matrix,
     full_precision,
-    length_mask,
     make_head,
     masked_mean,
 )
@@ -228,6 +227,8 @@ class DOVE(RetrievalModel):
     """DOVE over cached backbone features (``level1..4``, ``regions``, ``region_mask``)."""
 
     image_inputs = ("level1", "level2", "level3", "level4", "regions", "region_mask")
+    #: V_M and T_G (Eq. 29): the separable pair the global constraint (Eq. 30–31) trains.
+    first_stage = ("global", "global")
 
     def __init__(self, config: DoveConfig, feature_dims: dict[str, Any], vocab_size: int) -> None:
         super().__init__(config)
@@ -239,7 +240,7 @@ class DOVE(RetrievalModel):
         self.msv = MultiscaleVisual(level_channels, d)
         self.region_fc = nn.Linear(int(feature_dims["region_channels"]), d)  # Eq. 2
         self.word_embedding = nn.Embedding(vocab_size, config.word_dim, padding_idx=0)
-        self.gru = nn.GRU(config.word_dim, d, batch_first=True, bidirectional=True)  # Eq. 3–4
+        self.gru = RecurrentTextEncoder(config.word_dim, d)  # Eq. 3–4
         self.dtga = None if config.dtga == "none" else DTGA(d, config.attention_heads, config.dtga)
         self.ifa = IFA(d, config.ifa_head, config.score_scale) if config.ifa else None
         self.iga = IGA(d, config.iga_head, config.score_scale, config.pair_block) if config.iga else None
@@ -265,14 +266,9 @@ class DOVE(RetrievalModel):
         }
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor) -> Encoding:
-        d = self.config.embed_dim
-        embedded = self.word_embedding(tokens)
-        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=tokens.shape[1])
-        forward, backward = hidden[..., :d], hidden[..., d:]
-        mask = length_mask(lengths, tokens.shape[1])
-        words = (forward + backward) / 2 if self.dtga is None else self.dtga(forward, backward, mask)  # Eq. 5
-        return {"global": masked_mean(words, mask)}  # T_G = E_G (Eq. 23, 29)
+        states = self.gru.encode(self.word_embedding(tokens), lengths)
+        words = states.words() if self.dtga is None else self.dtga(*states.directions(), states.mask)  # Eq. 5
+        return {"global": masked_mean(words, states.mask)}  # T_G = E_G (Eq. 23, 29)
 
     def similarity(self, images: Encoding, texts: Encoding) -> torch.Tensor:
         if self.iga is None:

@@ -69,12 +69,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rsitr.errors import ConfigError
 from rsitr.losses import same_image_mask, triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel
-from rsitr.models.layers import FeatureStandardizer, length_mask, row_cosine
+from rsitr.models.layers import FeatureStandardizer, RecurrentTextEncoder, length_mask, row_cosine
 from rsitr.models.registry import register_architecture
 
 #: The backbone level whose grid DSAN reads (Inception-v3's last block, 2048 channels).
@@ -108,41 +107,6 @@ class DsanConfig:
         for name in ("embed_dim", "word_dim", "tile_elements"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-
-
-class GridStandardizer(FeatureStandardizer):
-    """:class:`FeatureStandardizer` fitted on (n, C, H, W) grids: every cell of every image is a sample.
-
-    ``forward`` takes the grid already laid out as (n, cells, C). The statistics are accumulated
-    over chunks of images in float64, so fitting never copies the whole training grid (4.6 GB in
-    float32 for RSICD's 8,737 training images at 64 × 2048).
-    """
-
-    #: Images per accumulation step.
-    fit_chunk: int = 256
-
-    @torch.no_grad()
-    def fit(self, features: dict[str, torch.Tensor], mask_key: str = "region_mask") -> None:
-        """Per-channel mean and (unbiased) std of every cell of every image; ``mask_key`` is unused."""
-        for key in self.keys:
-            grid = features[key]
-            count, total, total_sq = 0, 0.0, 0.0
-            for start in range(0, grid.shape[0], self.fit_chunk):
-                rows = _channel_rows(grid[start : start + self.fit_chunk]).double()
-                count += rows.shape[0]
-                total = total + rows.sum(dim=0)
-                total_sq = total_sq + rows.square().sum(dim=0)
-            mean = total / count
-            var = (total_sq - count * mean.square()) / max(count - 1, 1)
-            getattr(self, f"{key}_mean").copy_(mean.float())
-            getattr(self, f"{key}_std").copy_(var.clamp(min=0).sqrt().float().clamp(min=1e-6))
-
-
-def _channel_rows(x: torch.Tensor) -> torch.Tensor:
-    """Samples as rows of channels: (n, C, H, W) grids by cell, (n, cells, C) and (n, C) as they are."""
-    if x.dim() == 4:
-        x = grid_cells(x)
-    return x.reshape(-1, x.shape[-1])
 
 
 def grid_cells(grid: torch.Tensor) -> torch.Tensor:
@@ -308,10 +272,10 @@ class DSAN(RetrievalModel):
                               f"(it has: {', '.join(maps) or 'none'})")
         channels = int(maps[GRID_LEVEL][0])
         d = config.embed_dim
-        self.standardize = GridStandardizer({GRID_KEY: channels})
+        self.standardize = FeatureStandardizer({GRID_KEY: channels}, moments="float64")
         self.visual = nn.Linear(channels, d)  # grid cell → f_i (see "Visual projection")
         self.word_embedding = nn.Embedding(vocab_size, config.word_dim, padding_idx=0)  # y_i = W_y w_i
-        self.gru = nn.GRU(config.word_dim, d, batch_first=True, bidirectional=True)  # Eq. 1–2
+        self.gru = RecurrentTextEncoder(config.word_dim, d)  # Eq. 1–2
         self.sam = SemanticAlignment(d, config.variant, config.alpha, config.gate, config.sim_norm, config.tile_elements)
 
     @property
@@ -326,12 +290,8 @@ class DSAN(RetrievalModel):
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor) -> Encoding:
         """``words``: (n, L, D) word features t_j (Eq. 3), L the chunk's longest caption, zero past each
         caption; ``lengths``: (n,)."""
-        longest = int(lengths.max())
-        embedded = self.word_embedding(tokens[:, :longest])
-        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        hidden, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=longest)
-        d = self.config.embed_dim
-        words = (hidden[..., :d] + hidden[..., d:]) / 2  # Eq. 3
+        embedded = self.word_embedding(tokens[:, : int(lengths.max())])
+        words = self.gru.encode(embedded, lengths).words()  # Eq. 3
         return {"words": words, "lengths": lengths.to(words.device)}
 
     def similarity(self, images: Encoding, texts: Encoding) -> torch.Tensor:

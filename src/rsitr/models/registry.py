@@ -1,4 +1,4 @@
-"""Model registry: names come from the YAML files in ``rsitr/model_configs``.
+"""Model registry: names come from the YAML files in ``rsitr/models/configs``.
 
 A model is one Python module that registers its architecture with :func:`register_architecture`
 and one YAML file per named configuration::
@@ -27,8 +27,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rsitr.config import read_named_yaml
 from rsitr.errors import ConfigError, UnknownModelError
+from rsitr.io import check_keys, list_yaml_names, read_named_yaml
 from rsitr.models.base import RetrievalModel
 
 _ARCHITECTURES: dict[str, tuple[type[RetrievalModel], type]] = {}
@@ -60,9 +60,7 @@ class ModelSpec:
     features: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.features) - set(MODEL_FEATURE_FIELDS))
-        if unknown:
-            raise ConfigError(f"model {self.name!r}: unknown features field(s) {', '.join(unknown)}; valid: {', '.join(MODEL_FEATURE_FIELDS)}")
+        check_keys(self.features, MODEL_FEATURE_FIELDS, f"model {self.name!r}", "features field")
 
     def with_overrides(self, overrides: dict[str, Any], features: dict[str, Any] | None = None) -> ModelSpec:
         return dataclasses.replace(self, params={**self.params, **overrides}, features={**self.features, **(features or {})})
@@ -78,17 +76,16 @@ class ModelSpec:
 
 
 def _config_dir():
-    return resources.files("rsitr") / "model_configs"
+    return resources.files("rsitr.models") / "configs"
 
 
 def list_models() -> list[str]:
     """Names of all model configurations shipped with rsitr."""
     _import_models()
-    return sorted(p.name[: -len(".yaml")] for p in _config_dir().iterdir() if p.name.endswith(".yaml"))
+    return list_yaml_names(_config_dir())
 
 
 def _read_model_yaml(name: str | Path) -> tuple[dict[str, Any], str]:
-
     return read_named_yaml(name, _config_dir(), "model", list_models, UnknownModelError)
 
 
@@ -103,9 +100,7 @@ def get_model_spec(name: str | Path) -> ModelSpec:
     for key in ("architecture", "backbone"):
         if key not in data:
             raise ConfigError(f"model config {label!r} lacks the {key!r} field")
-    unknown = sorted(set(data) - {"architecture", "backbone", "params", "features", "reference"})
-    if unknown:
-        raise ConfigError(f"model config {label!r}: unknown field(s) {', '.join(unknown)}; valid: architecture, backbone, params, features, reference")
+    check_keys(data, ("architecture", "backbone", "params", "features", "reference"), f"model config {label!r}", "field")
     return ModelSpec(name=label, architecture=data["architecture"], backbone=data["backbone"],
                      params=dict(data.get("params") or {}), features=dict(data.get("features") or {}))
 
@@ -116,10 +111,7 @@ def build_config(architecture: str, params: dict[str, Any]):
     if architecture not in _ARCHITECTURES:
         raise UnknownModelError(f"unknown architecture {architecture!r}; available: {', '.join(sorted(_ARCHITECTURES))}")
     config_class = _ARCHITECTURES[architecture][1]
-    valid = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(params) - valid)
-    if unknown:
-        raise ConfigError(f"{architecture}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    check_keys(params, [f.name for f in dataclasses.fields(config_class)], architecture, "parameter")
     return config_class(**params)
 
 

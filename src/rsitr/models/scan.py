@@ -65,10 +65,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rsitr.losses import vse_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel
-from rsitr.models.layers import FeatureStandardizer, length_mask
+from rsitr.models.layers import (
+    FeatureStandardizer,
+    RecurrentTextEncoder,
+    init_projection,
+    init_word_embedding,
+    length_mask,
+)
 from rsitr.models.registry import register_architecture
-from rsitr.models.vsepp import init_projection, init_word_embedding, run_gru, vse_ranking_loss
 
 DIRECTIONS = ("t2i", "i2t")
 ATTENTION_NORMS = ("clipped_l2norm", "relu_l2norm", "none")
@@ -164,7 +170,7 @@ class SCAN(RetrievalModel):
         self.standardize = FeatureStandardizer({"regions": region_channels})
         self.region_fc = nn.Linear(region_channels, config.embed_dim)  # W_v, b_v
         self.word_embedding = nn.Embedding(vocab_size, config.word_dim, padding_idx=0)
-        self.gru = nn.GRU(config.word_dim, config.embed_dim, num_layers=config.gru_layers, batch_first=True, bidirectional=True)
+        self.gru = RecurrentTextEncoder(config.word_dim, config.embed_dim, config.gru_layers)
         init_projection(self.region_fc)
         init_word_embedding(self.word_embedding)
 
@@ -181,7 +187,7 @@ class SCAN(RetrievalModel):
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor) -> Encoding:
         """Unit-norm word vectors e_j (n, L, d), L the chunk's longest caption (zero beyond each length)."""
         tokens = tokens[:, : int(lengths.max())]
-        words, _ = run_gru(self.gru, self.word_embedding(tokens), lengths)
+        words = self.gru.encode(self.word_embedding(tokens), lengths).words()
         words = F.normalize(words, dim=-1)  # padded positions are zero and stay zero
         return {"words": words, "lengths": lengths}
 

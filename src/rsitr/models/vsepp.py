@@ -43,16 +43,19 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rsitr.losses import same_image_mask, triplet_ranking_loss
+from rsitr.losses import vse_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel
-from rsitr.models.layers import FeatureStandardizer, cosine_matrix, length_mask, masked_mean
+from rsitr.models.layers import (
+    FeatureStandardizer,
+    RecurrentTextEncoder,
+    cosine_matrix,
+    init_projection,
+    init_word_embedding,
+)
 from rsitr.models.registry import register_architecture
 
 TEXT_POOLINGS = ("last", "mean")
-#: half-width of the uniform initialisation of word vectors (VSE++ and SCAN).
-WORD_INIT_RANGE = 0.1
 
 
 @dataclass
@@ -74,52 +77,12 @@ class VseppConfig:
             raise ValueError(f"gru_layers must be at least 1, got {self.gru_layers}")
 
 
-def init_word_embedding(embedding: nn.Embedding) -> None:
-    """Uniform(-0.1, 0.1) word vectors with the padding row kept at zero."""
-    with torch.no_grad():
-        embedding.weight.uniform_(-WORD_INIT_RANGE, WORD_INIT_RANGE)
-        if embedding.padding_idx is not None:
-            embedding.weight[embedding.padding_idx].zero_()
-
-
-def init_projection(linear: nn.Linear) -> None:
-    """Xavier-uniform weights and zero bias for a projection into the joint space."""
-    nn.init.xavier_uniform_(linear.weight)
-    nn.init.zeros_(linear.bias)
-
-
-def run_gru(gru: nn.GRU, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``gru`` over padded sequences, skipping padding; directions are averaged.
-
-    Args:
-        gru: a ``batch_first`` GRU, uni- or bidirectional, hidden size h.
-        embedded: (n, L, word_dim) word vectors.
-        lengths: (n,) true lengths (at least 1).
-
-    Returns:
-        ``(words, final)``: per-word outputs (n, L, h), zero at padded positions, and the final
-        state of the last layer (n, h); for a bidirectional GRU both are the mean of the forward
-        and backward directions (the backward final state is the one after the first word).
-    """
-    packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-    output, h_n = gru(packed)
-    words, _ = pad_packed_sequence(output, batch_first=True, total_length=embedded.shape[1])
-    directions = 2 if gru.bidirectional else 1
-    final = h_n[-directions:].mean(dim=0)  # the last layer's direction(s)
-    words = words.reshape(*words.shape[:2], directions, gru.hidden_size).mean(dim=2)
-    return words, final
-
-
-def vse_ranking_loss(sims: torch.Tensor, image_ids: torch.Tensor, margin: float, hardest: bool) -> torch.Tensor:
-    """VSE++'s ℓ_MH (hardest negative) or ℓ_SH (summed hinges), captions of one image never negatives."""
-    return triplet_ranking_loss(sims, same_image_mask(image_ids), margin, reduction="hardest" if hardest else "sum")
-
-
 @register_architecture("vsepp", VseppConfig)
 class VSEPP(RetrievalModel):
     """VSE++ over the cached global feature ``level4``: separable, cosine-scored."""
 
     image_inputs = ("level4",)
+    first_stage = ("embedding", "embedding")  # the score is the cosine of these embeddings
 
     def __init__(self, config: VseppConfig, feature_dims: dict[str, Any], vocab_size: int) -> None:
         super().__init__(config)
@@ -127,9 +90,7 @@ class VSEPP(RetrievalModel):
         self.standardize = FeatureStandardizer({"level4": global_channels})
         self.image_fc = nn.Linear(global_channels, config.embed_dim)  # W_f
         self.word_embedding = nn.Embedding(vocab_size, config.word_dim, padding_idx=0)
-        self.gru = nn.GRU(
-            config.word_dim, config.embed_dim, num_layers=config.gru_layers, batch_first=True, bidirectional=config.bidirectional
-        )
+        self.gru = RecurrentTextEncoder(config.word_dim, config.embed_dim, config.gru_layers, config.bidirectional)
         init_projection(self.image_fc)
         init_word_embedding(self.word_embedding)
 
@@ -139,10 +100,9 @@ class VSEPP(RetrievalModel):
 
     def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor, **extras: torch.Tensor) -> Encoding:
         """g(c): GRU state at the true length (or mean over words) → unit vector."""
-        words, final = run_gru(self.gru, self.word_embedding(tokens), lengths)
-        if self.config.text_pooling == "mean":
-            final = masked_mean(words, length_mask(lengths, tokens.shape[1]))
-        return {"embedding": F.normalize(final, dim=-1)}
+        states = self.gru.encode(self.word_embedding(tokens), lengths)
+        sentence = states.mean() if self.config.text_pooling == "mean" else states.final
+        return {"embedding": F.normalize(sentence, dim=-1)}
 
     def similarity(self, images: Encoding, texts: Encoding) -> torch.Tensor:
         return cosine_matrix(images["embedding"], texts["embedding"])

@@ -1,7 +1,9 @@
 """The ``rsitr`` console script.
 
-Every sub-command is a thin layer over the library; ``main(argv)`` takes an explicit argument
-list so tests run commands end to end. Errors about user input print one line and exit with 2.
+Every sub-command is a thin layer over the library (:mod:`rsitr`) or one of its applications
+(:mod:`rsitr_train`; :mod:`rsitr_serve`); ``main(argv)`` takes an explicit argument list so tests
+run commands end to end. Messages and progress lines go to standard output through the library's
+logger; results are printed. Errors about user input print one line and exit with 2.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from rsitr.errors import ConfigError, RsitrError
+from rsitr.progress import log_to_console
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +49,8 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rsitr.config import load_config
-    from rsitr.training import train
+    from rsitr_train.config import load_config
+    from rsitr_train.trainer import train
 
     config = load_config(args.config, _train_overrides(args))
     summary = train(config, args.out, progress=not args.quiet)
@@ -56,62 +59,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_run(run_dir: str | Path, split: str, batch_size: int, json_path: str | Path | None, progress: bool = True,
-                 precision: str | None = None) -> dict:
-    """Evaluate a run directory on ``split``; print the table with chance beside it; write JSON.
-
-    ``precision`` (``"fp32"`` or ``"bf16"``) overrides the run's ``train.precision``.
-    """
-    from rsitr.evaluation import chance_metrics, format_table
-    from rsitr.io import write_json
-    from rsitr.training import evaluate_split, load_run
-
-    model, prepared = load_run(run_dir, progress=progress)
-    precision = precision or prepared.config.train.precision
-    started = time.perf_counter()
-    metrics, sims, data = evaluate_split(model, prepared, split, batch_size, progress=progress, precision=precision)
-    seconds = time.perf_counter() - started
-    chance = chance_metrics(len(data.image_ids), data.caption_local_image)
-    print(format_table(metrics, chance, title=f"{prepared.spec.name} on {prepared.dataset.name} {split}: "
-                       f"{len(data.image_ids)} images, {len(data.lengths)} captions"))
-    print(f"scored {sims.numel():,} pairs in {seconds:.2f} s")
-    result = {"model": prepared.spec.name, "dataset": prepared.dataset.name, "split": split,
-              "n_images": len(data.image_ids), "n_captions": len(data.lengths), "metrics": metrics,
-              "chance": chance, "precision": precision, "seconds": round(seconds, 3)}
-    write_json(json_path or Path(run_dir) / f"eval_{split}.json", result)
-    return result
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    evaluate_run(args.run_dir, args.split, args.batch_size, args.json, progress=not args.quiet, precision=args.precision)
+    from rsitr_train.runs import evaluate_run, result_table
+
+    result = evaluate_run(args.run_dir, args.split, args.batch_size, args.json, progress=not args.quiet,
+                          precision=args.precision, dataset=args.dataset)
+    print(result_table(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rsitr.bundle import export_model, load_model
+
+    manifest = export_model(args.run_dir, args.out)
+    bundle = load_model(args.out)  # read back and verify every digest before saying it is done
+    size = sum(p.stat().st_size for p in manifest.parent.iterdir() if p.is_file())
+    stage = "with a separable first stage" if bundle.has_first_stage else "no separable first stage"
+    print(f"exported {bundle.spec.name} ({bundle.spec.architecture}, {bundle.spec.backbone}; {stage}) to {args.out}: "
+          f"{size / 2**20:.1f} MiB")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rsitr.config import load_config
-    from rsitr.data.synth import generate_synthetic
-    from rsitr.training import train
+    from rsitr_train.demo import run_demo
+    from rsitr_train.runs import result_table
 
     out = Path(args.out).resolve()  # the run's config must stay valid from any working directory
     started = time.perf_counter()
-    data_dir = out / "data"
-    if not (data_dir / "dataset_synth.json").is_file():
-        generate_synthetic(data_dir, num_images=args.num_images, image_size=128, seed=0, progress=not args.quiet)
-    config_file = resources.files("rsitr") / "run_configs" / "demo.yaml"
-    overrides = [f"data.path={json.dumps(str(data_dir / 'dataset_synth.json'))}",
-                 f"features.detections={json.dumps(str(data_dir / 'detections.json'))}",
-                 f"features.cache_dir={json.dumps(str(out / 'cache'))}"]
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    with resources.as_file(config_file) as config_path:
-        config = load_config(config_path, overrides)
-    run_dir = out / "run"
-    summary = train(config, run_dir, progress=not args.quiet)
-    result = evaluate_run(run_dir, "test", config.train.eval_batch_size, None, progress=not args.quiet)
+    summary, result = run_demo(out, num_images=args.num_images, epochs=args.epochs, progress=not args.quiet)
+    print(result_table(result))
     total = time.perf_counter() - started
     print(f"demo finished in {total:.0f} s; best validation epoch {summary['best_epoch']}; "
           f"test mR {result['metrics']['mR']:.2f} vs chance {result['chance']['mR']:.2f}")
-    print(f"run directory: {run_dir}  (rsitr evaluate {run_dir} --split test)")
+    print(f"run directory: {out / 'run'}  (rsitr evaluate {out / 'run'} --split test; rsitr export {out / 'run'} --out MODEL_DIR)")
     return 0
 
 
@@ -133,9 +113,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from rsitr.config import default_cache_dir
     from rsitr.data import load_dataset
-    from rsitr.features import FeatureSpec, extract_features
+    from rsitr.features import FeatureSpec, default_cache_dir, extract_features
 
     dataset = load_dataset(args.path, layout=args.layout, image_dir=args.images)
     spec = FeatureSpec(backbone=args.backbone, weights=args.backbone_weights, image_size=args.image_size,
@@ -164,7 +143,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def _experiment_base(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> dict:
     """The base run config of an experiment as a dict: ``--config`` (or the defaults) plus overrides."""
-    from rsitr.config import load_config
+    from rsitr_train.config import load_config
 
     config = load_config(args.config, _train_overrides(args))
     if not config.data.path:
@@ -182,7 +161,7 @@ def _seeds(value: int) -> list[int]:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from rsitr.experiments import run_benchmark
+    from rsitr_train.experiments import run_benchmark
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
@@ -196,7 +175,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from rsitr.experiments import list_studies, load_study, run_study
+    from rsitr_train.experiments import list_studies, load_study, run_study
 
     if args.list or not args.study:
         for name in list_studies():
@@ -214,7 +193,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from rsitr.data.imagefolder import load_classification_data
-    from rsitr.pretrain import PretrainConfig, load_pretrain_config, pretrain
+    from rsitr_train.pretrain import PretrainConfig, load_pretrain_config, pretrain
 
     data = load_classification_data(args.path, val_fraction=args.val_fraction, seed=args.seed,
                                     train_split=args.train_split, val_split=args.val_split)
@@ -239,7 +218,9 @@ def cmd_salient(args: argparse.Namespace) -> int:
     import torch
 
     from rsitr.data.images import read_image
-    from rsitr.training import load_run, split_image_features
+    from rsitr_train.plots import plot_salient_masks
+    from rsitr_train.runs import load_run
+    from rsitr_train.trainer import split_image_features
 
     model, prepared = load_run(args.run_dir, progress=not args.quiet)
     if not hasattr(model, "salient_mask"):
@@ -250,8 +231,6 @@ def cmd_salient(args: argparse.Namespace) -> int:
         masks = model.salient_mask(features)
     images = [np.asarray(read_image(prepared.dataset.image_path(i))) for i in image_ids]
     titles = [prepared.dataset.image_files[i] for i in image_ids]
-    from rsitr.models.amfmn import plot_salient_masks
-
     path = plot_salient_masks(images, masks, args.out, titles=titles)
     print(f"written {path}")
     return 0
@@ -306,7 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=256, help="encoding chunk; results do not depend on it")
     ev.add_argument("--json", help="where to write the metrics (default RUN_DIR/eval_SPLIT.json)")
     ev.add_argument("--precision", choices=["fp32", "bf16"], help="model (and trained backbone) precision; default: the run's train.precision")
+    ev.add_argument("--dataset", help="the dataset to evaluate on, when not where the run's config says")
     ev.set_defaults(func=cmd_evaluate)
+
+    export = sub.add_parser("export", help="write a run's model as a self-contained bundle (rsitr.load_model reads it)")
+    export.add_argument("run_dir", help="run directory of rsitr train (or a bundle to copy)")
+    export.add_argument("--out", required=True, help="bundle folder to write")
+    export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("benchmark", help="train and evaluate several models on one dataset; one table, mean ± std over seeds")
     _add_train_arguments(bench)
@@ -328,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="scene-classification pretraining of a backbone (ImageFolder tree or a dataset's scene labels)")
     pre.add_argument("path", help="ImageFolder root (one folder per class, optional train/ val/) or a retrieval dataset with scene labels")
     pre.add_argument("--out", required=True, help="output folder (backbone.safetensors, metrics; re-running resumes)")
-    pre.add_argument("--config", help="YAML file of pretraining fields (e.g. configs/pretrain_ucm_r18.yaml); flags override it")
+    pre.add_argument("--config", help="YAML file of pretraining fields, or a shipped recipe (e.g. pretrain_ucm_r18); flags override it")
     pre.add_argument("--backbone", help="resnet18 | resnet50 (default resnet50)")
     pre.add_argument("--image-size", type=int)
     pre.add_argument("--epochs", type=int)
@@ -357,8 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Accept ``--quiet`` after the sub-command too (``rsitr demo --quiet``), not only before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("--quiet" in a.option_strings for a in sub._actions):
+                    sub.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+                _quiet_anywhere(sub)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _quiet_anywhere(parser)
+    args = parser.parse_args(argv)
+    log_to_console()
     try:
         return int(args.func(args) or 0)
     except RsitrError as exc:

@@ -16,25 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rsitr.errors import ConfigError
-
-#: Accepted values of ``train.precision``.
-TRAIN_PRECISIONS = ("fp32", "bf16")
-
-
-def default_cache_dir() -> str:
-    """``$RSITR_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/rsitr`` (``~/.cache/rsitr``)."""
-    if os.environ.get("RSITR_CACHE_DIR"):
-        return os.environ["RSITR_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return str(Path(base) / "rsitr")
+from rsitr.features import default_cache_dir
+from rsitr.io import check_keys, list_yaml_names, read_named_yaml
+from rsitr.precision import check_precision
 
 
 @dataclass
@@ -91,8 +84,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """One-line ConfigErrors for settings that cannot work (the older fields keep their free form)."""
-        if self.precision not in TRAIN_PRECISIONS:
-            raise ConfigError(f"train.precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision, "train.precision")
         if not isinstance(self.train_backbone, bool):
             raise ConfigError(f"train.train_backbone must be true or false, got {self.train_backbone!r}")
         if self.augment is not None and not isinstance(self.augment, bool):
@@ -146,47 +138,39 @@ _SECTIONS: dict[str, type] = {
 
 def _build_section(name: str, values: dict[str, Any], source: str) -> Any:
     cls = _SECTIONS[name]
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; valid: {', '.join(sorted(valid))}")
+    check_keys(values, [f.name for f in dataclasses.fields(cls)], source, prefix=f"{name}.")
     return cls(**values)
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     """Build a :class:`RunConfig` from nested dicts, rejecting unknown sections and keys."""
-    unknown = sorted(set(data) - set(_SECTIONS))
-    if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(_SECTIONS)}")
+    check_keys(data, _SECTIONS, source, "section")
     return RunConfig(**{name: _build_section(name, dict(data.get(name) or {}), source) for name in _SECTIONS})
 
 
-def read_yaml_mapping(path: str | Path, shape_error: str) -> dict[str, Any]:
-    """The mapping a YAML file holds; one-line ConfigErrors naming the file otherwise.
+def configs_dir() -> Traversable:
+    """The run recipes shipped with rsitr (``rsitr_train/configs``)."""
+    return resources.files("rsitr_train") / "configs"
 
-    ``shape_error`` completes the message when the file holds something other than a mapping
-    (e.g. "a run config must be a mapping of sections"). An empty file is an empty mapping.
-    """
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: config file not found") from exc
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: {shape_error}")
+
+def list_configs() -> list[str]:
+    """Names of the shipped run recipes (``--config NAME``)."""
+    return list_yaml_names(configs_dir())
+
+
+def read_config_file(name: str | Path) -> dict[str, Any]:
+    """A run config's mapping: a YAML file given by path, or a shipped recipe given by name."""
+    data, _ = read_named_yaml(name, configs_dir(), "run config", list_configs)
     return data
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or the defaults when ``path`` is None) and apply ``overrides``."""
+    """Read a YAML run config (a path or a shipped name; the defaults when None) and apply ``overrides``."""
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        data = read_yaml_mapping(path, "a run config must be a mapping of sections")
+        data = read_config_file(path)
     for item in overrides or []:
         apply_override(data, item)
     return config_from_dict(data, source)
@@ -204,26 +188,3 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
     node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
-
-
-def read_named_yaml(name: str | Path, folder, kind: str, available, error: type[Exception] = ConfigError) -> tuple[dict[str, Any], str]:
-    """A user's YAML file given by path, or the shipped ``folder/<name>.yaml``; returns (data, label).
-
-    ``folder`` is a :mod:`importlib.resources` traversable, ``available`` a callable listing the
-    shipped names for the error message, ``kind`` the word used in it ("model", "study").
-    """
-    path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        text, label = path.read_text(encoding="utf-8"), path.stem
-    else:
-        resource = folder / f"{name}.yaml"
-        if not resource.is_file():
-            raise error(f"unknown {kind} {str(name)!r}; available: {', '.join(available())}")
-        text, label = resource.read_text(encoding="utf-8"), str(name)
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{name}: not valid YAML ({exc.__class__.__name__})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{name}: a {kind} config must be a mapping")
-    return data, label

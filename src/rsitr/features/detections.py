@@ -10,7 +10,7 @@ from an external detector, stored as JSON::
 
 Image keys are the dataset's image filenames (as in ``RetrievalDataset.image_files``); a key may
 also be just the base name. An image without an entry, or with no usable box, falls back to
-:func:`rsitr.roi.default_boxes` (all 36 boxes valid), so extraction never depends on every image
+:func:`rsitr.features.roi.default_boxes` (all 36 boxes valid), so extraction never depends on every image
 having been detected.
 """
 
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from rsitr.errors import DatasetError
-from rsitr.roi import default_boxes
+from rsitr.features.roi import default_boxes
 
 DETECTIONS_FORMAT = "rsitr-detections-v1"
 
@@ -97,7 +97,7 @@ def select_boxes(boxes: np.ndarray | None, scores: np.ndarray | None, original_s
     clipped to it; boxes left with no area (entirely outside the image) are dropped. The
     ``num_regions`` highest-scoring boxes are kept (ties broken by lower index), and missing ones
     are padded with zero boxes whose mask is False. With no entry (``boxes is None``) or no usable
-    box, the result is :func:`~rsitr.roi.default_boxes` (first ``num_regions`` of them, padded
+    box, the result is :func:`~rsitr.features.roi.default_boxes` (first ``num_regions`` of them, padded
     if fewer) with mask True.
 
     Returns:

@@ -5,7 +5,7 @@ trainer and schedule, evaluates each run's best-on-validation checkpoint on the 
 writes a Markdown table laid out like DOVE's Table I (parameters; i2t and t2i R@1/5/10; mR) as
 mean ± std over seeds, with DSAN's MedR, MeanR and R@sum beside it, plus the raw numbers as JSON.
 
-``rsitr ablate`` does the same over the rows of a study file (``rsitr/studies/*.yaml``): each row
+``rsitr ablate`` does the same over the rows of a study file (``rsitr_train/configs/studies/*.yaml``): each row
 is a label plus model-parameter and training overrides, so DOVE's Tables II–V and Fig. 6 and ACF's
 Tables 1–3 are data, not code.
 
@@ -28,9 +28,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from rsitr.config import RunConfig, apply_override, config_from_dict
+from rsitr_train.config import RunConfig, apply_override, config_from_dict
 from rsitr.errors import ConfigError
-from rsitr.io import write_json, write_text
+from rsitr.io import list_yaml_names, read_named_yaml, write_json, write_text
+from rsitr.progress import get_logger
+
+logger = get_logger(__name__)
 
 #: Columns of the recall table (DOVE Table I) and of the rank table (DSAN Tables).
 RECALL_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR")
@@ -88,21 +91,22 @@ def backbone_parameters(name: str) -> int:
     return _BACKBONE_PARAMETERS[name]
 
 
-def run_variant(config: RunConfig, run_dir: Path, label: str, split: str, progress: bool = True, log=print) -> RunResult:
+def run_variant(config: RunConfig, run_dir: Path, label: str, split: str, progress: bool = True) -> RunResult:
     """Train ``config`` in ``run_dir`` (resuming) and evaluate its best checkpoint on ``split``.
 
     A finished run (``result.json`` written for the same config and split) is reused as it is.
     """
-    from rsitr.training import evaluate_split, load_run, train
+    from rsitr_train.runs import load_run
+    from rsitr_train.trainer import evaluate_split, train
 
     result_path = run_dir / RESULT_FILE
     if result_path.is_file():
         saved = json.loads(result_path.read_text(encoding="utf-8"))
         if saved.get("config") == config.to_dict() and saved.get("split") == split:
-            log(f"{label} seed {config.train.seed}: reusing finished run {run_dir}")
+            logger.info(f"{label} seed {config.train.seed}: reusing finished run {run_dir}")
             return RunResult(**saved["result"])
     started = time.perf_counter()
-    summary = train(config, run_dir, progress=progress, log=log)
+    summary = train(config, run_dir, progress=progress)
     seconds = time.perf_counter() - started
     model, prepared = load_run(run_dir, progress=progress)
     metrics, _, _ = evaluate_split(model, prepared, split, config.train.eval_batch_size, progress=progress)
@@ -113,12 +117,12 @@ def run_variant(config: RunConfig, run_dir: Path, label: str, split: str, progre
         run_dir=str(run_dir),
     )
     write_json(result_path, {"config": config.to_dict(), "split": split, "result": asdict(result)})
-    log(f"{label} seed {config.train.seed}: {split} mR {metrics['mR']:.2f} (best epoch {result.best_epoch}, {seconds:.0f} s)")
+    logger.info(f"{label} seed {config.train.seed}: {split} mR {metrics['mR']:.2f} (best epoch {result.best_epoch}, {seconds:.0f} s)")
     return result
 
 
 def run_variants(base: dict[str, Any], variants: list[Variant], seeds: list[int], out_dir: Path, split: str,
-                 progress: bool = True, log=print) -> list[RunResult]:
+                 progress: bool = True) -> list[RunResult]:
     """Every variant at every seed, each in ``out_dir/<label>/seed<k>``."""
     labels = [v.label for v in variants]
     if len(set(labels)) != len(labels):
@@ -127,7 +131,7 @@ def run_variants(base: dict[str, Any], variants: list[Variant], seeds: list[int]
     for variant in variants:
         for seed in seeds:
             config = variant_config(base, variant, seed)
-            results.append(run_variant(config, out_dir / _slug(variant.label) / f"seed{seed}", variant.label, split, progress, log))
+            results.append(run_variant(config, out_dir / _slug(variant.label) / f"seed{seed}", variant.label, split, progress))
     return results
 
 
@@ -236,7 +240,7 @@ def write_report(out_dir: Path, name: str, title: str, results: list[RunResult],
 
 
 def run_benchmark(base: dict[str, Any], models: list[str], seeds: list[int], out_dir: Path, split: str = "val",
-                  progress: bool = True, log=print) -> tuple[Path, str]:
+                  progress: bool = True) -> tuple[Path, str]:
     """Train and evaluate ``models`` (registered names or YAML paths) at every seed; write the report."""
     from rsitr.models import get_model_spec
 
@@ -245,7 +249,7 @@ def run_benchmark(base: dict[str, Any], models: list[str], seeds: list[int], out
     variants = [Variant(label=Path(name).stem if name.endswith((".yaml", ".yml")) else name,
                         overrides=[f"model.name={json.dumps(name)}"]) for name in models]
     started = time.perf_counter()
-    results = run_variants(base, variants, seeds, out_dir, split, progress, log)
+    results = run_variants(base, variants, seeds, out_dir, split, progress)
     dataset = config_from_dict(copy.deepcopy(base)).data
     title = f"{dataset.name or Path(dataset.path).stem}: {split} split, {len(seeds)} seed(s)"
     return write_report(out_dir, "benchmark", title, results, base, split,
@@ -268,12 +272,12 @@ class Study:
 
 
 def _studies_dir():
-    return resources.files("rsitr") / "studies"
+    return resources.files("rsitr_train") / "configs" / "studies"
 
 
 def list_studies() -> list[str]:
     """Names of the shipped ablation studies."""
-    return sorted(p.name[: -len(".yaml")] for p in _studies_dir().iterdir() if p.name.endswith(".yaml"))
+    return list_yaml_names(_studies_dir())
 
 
 def load_study(name: str | Path) -> Study:
@@ -290,7 +294,6 @@ def load_study(name: str | Path) -> Study:
             params: {dtga: ff}    # model parameters
             train: {batch_size: 64} # training overrides (optional)
     """
-    from rsitr.config import read_named_yaml
 
     data, label = read_named_yaml(name, _studies_dir(), "study", list_studies)
     unknown = sorted(set(data) - {"title", "model", "rows", "sweep", "log_x"})
@@ -309,17 +312,17 @@ def load_study(name: str | Path) -> Study:
 
 
 def run_study(study: Study, base: dict[str, Any], seeds: list[int], out_dir: Path, split: str = "val",
-              progress: bool = True, log=print) -> tuple[Path, str]:
+              progress: bool = True) -> tuple[Path, str]:
     """Run every row of ``study`` on ``study.model``; write the table (and the sweep plot)."""
     base = copy.deepcopy(base)
     apply_override(base, f"model.name={json.dumps(study.model)}")
     started = time.perf_counter()
-    results = run_variants(base, study.rows, seeds, out_dir, split, progress, log)
+    results = run_variants(base, study.rows, seeds, out_dir, split, progress)
     path, text = write_report(out_dir, study.name, f"{study.title}: {split} split, {len(seeds)} seed(s)", results, base,
                               split, extra={"study": study.name, "seeds": seeds,
                                             "wall_seconds": round(time.perf_counter() - started, 1)}, with_params=False)
     if study.sweep:
-        from rsitr.plots import plot_sweep
+        from rsitr_train.plots import plot_sweep
 
         values = [_sweep_value(row, study.sweep) for row in study.rows]
         plot_sweep(aggregate(results), values, study.sweep, out_dir / f"{study.name}.png", log_x=study.log_x)

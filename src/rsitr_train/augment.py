@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rsitr.errors import ConfigError
+from rsitr.io import check_keys
 
 #: ITU-R BT.601 luma weights, used for the grey level of contrast and saturation jitter.
 LUMA = (0.299, 0.587, 0.114)
@@ -99,9 +100,7 @@ class AugmentConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> AugmentConfig:
         """Inverse of :meth:`to_dict`; unknown keys are a ConfigError."""
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"unknown augment parameter(s): {', '.join(sorted(unknown))}")
+        check_keys(values, cls.__dataclass_fields__, "augment config", "augment parameter")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 

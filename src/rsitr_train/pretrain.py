@@ -12,7 +12,7 @@ How it trains, and why:
   ``decode_size = round(image_size * decode_scale)`` (8/7 by default: 256 px for 224 px crops),
   so epochs cost no decoding. That is 3 * 256 * 256 bytes = 192 KiB per image (about 2 GiB for
   AID's 10 000 images).
-* Each batch is augmented in one resampling call (:func:`rsitr.augment.augment_batch`: random
+* Each batch is augmented in one resampling call (:func:`rsitr_train.augment.augment_batch`: random
   resized crop, flips, 90-degree rotations, colour jitter), normalised with the ImageNet statistics
   feature extraction uses, and run in ``channels_last`` layout under CPU bfloat16 autocast
   (``precision="bf16"``): on CPUs with bf16 instructions a training step is about twice as fast
@@ -44,14 +44,9 @@ Files written into ``out_dir``::
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-import os
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,27 +54,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from rsitr.augment import AugmentConfig, augment_batch, eval_transform
 from rsitr.backbones import Backbone, backbone_info, create_backbone
 from rsitr.data.imagefolder import ClassificationData
-from rsitr.data.images import IMAGENET_MEAN, IMAGENET_STD, normalize, read_image
+from rsitr.data.images import decode_images, normalize
 from rsitr.errors import ConfigError
-from rsitr.evaluation import autocast
-from rsitr.io import atomic_path, save_tensors, write_json, write_text
+from rsitr.io import check_keys, save_tensors, write_json
+from rsitr.precision import autocast, check_precision
+from rsitr.progress import get_logger, progress_bar
+from rsitr_train.augment import AugmentConfig, augment_batch, eval_transform
+from rsitr_train.plots import plot_pretrain_curves
+from rsitr_train.loop import RESUME, EpochResult, LoopState, load_resume, resumed_state, run_epochs, save_resume, shuffled_batches, write_history
+
+logger = get_logger(__name__)
 
 BACKBONE_FILE = "backbone.safetensors"
 BACKBONE_JSON = "backbone.json"
 CONFIG_FILE = "pretrain_config.json"
-RESUME = "resume.pt"
-METRICS = "metrics.csv"
 CURVES = "pretrain_curves.png"
-
-#: Accepted values of ``PretrainConfig.precision``.
-PRECISIONS = ("bf16", "fp32")
 
 #: Config fields that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = ("threads",)
@@ -171,8 +164,7 @@ class PretrainConfig:
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"pretrain {name} is out of range: {getattr(self, name)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"pretrain precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision, "pretrain precision")
         self.augment.validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,9 +176,7 @@ class PretrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PretrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are a ConfigError."""
-        unknown = set(values) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"unknown pretrain parameter(s): {', '.join(sorted(unknown))}")
+        check_keys(values, cls.__dataclass_fields__, "pretrain config", "pretrain parameter")
         return cls(**values)
 
 
@@ -196,9 +186,9 @@ def load_pretrain_config(path: str | Path, overrides: dict[str, Any] | None = No
     Errors (missing file, invalid YAML, unknown or invalid fields) are one-line ConfigErrors that
     name the file.
     """
-    from rsitr.config import read_yaml_mapping
+    from rsitr_train.config import read_config_file
 
-    values = read_yaml_mapping(path, "a pretraining config must be a mapping of field: value")
+    values = read_config_file(path)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         config = PretrainConfig.from_dict(values)
@@ -206,42 +196,6 @@ def load_pretrain_config(path: str | Path, overrides: dict[str, Any] | None = No
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return config
-
-
-# ----------------------------------------------------------------------------------------- decoding
-
-
-def _decode_one(path: Path, size: int) -> Tensor:
-    """One image as (3, size, size) uint8; PIL's bilinear resize antialiases when shrinking."""
-    img = read_image(path)
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def decode_images(paths: Sequence[Path], size: int, threads: int = 0, progress: bool = True,
-                  desc: str = "decoding") -> Tensor:
-    """Decode and resize every image into one (N, 3, size, size) uint8 tensor, in parallel.
-
-    PIL releases the GIL while decoding and resizing, so threads scale. The first unreadable file
-    stops the work and raises its :class:`~rsitr.errors.ImageReadError` (naming the file).
-    """
-    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    if not paths:
-        return out
-
-    def work(index: int) -> None:
-        out[index] = _decode_one(Path(paths[index]), size)
-
-    workers = threads or os.cpu_count() or 1
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rsitr-decode")
-    try:
-        for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=desc, unit="img",
-                      disable=not progress, leave=False):
-            pass
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return out
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -281,10 +235,11 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _normalise(images: Tensor, channels_last: bool) -> Tensor:
-    """ImageNet mean/std normalisation of a [0, 1] batch, in the requested memory layout."""
-    out = normalize(images)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out.contiguous()
+def _normalise(images: Tensor, config: PretrainConfig) -> Tensor:
+    """The backbone's mean/std normalisation of a [0, 1] batch, in the configured memory layout."""
+    info = backbone_info(config.backbone)
+    out = normalize(images, info.mean, info.std)
+    return out.contiguous(memory_format=torch.channels_last) if config.channels_last else out.contiguous()
 
 
 # ----------------------------------------------------------------------------------------- epochs
@@ -297,11 +252,7 @@ def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
     """Image order of an epoch, cut into batches; a short last batch is dropped unless it is the only one."""
-    order = torch.randperm(n, generator=_generator(seed, epoch, 0))
-    batches = list(order.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) < batch_size:
-        batches.pop()
-    return batches
+    return shuffled_batches(n, batch_size, _generator(seed, epoch, 0), min_last=batch_size)
 
 
 @dataclass
@@ -357,7 +308,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Split
     loss_sum, correct, seen = 0.0, 0, 0
     started = time.perf_counter()
     batches = epoch_batches(len(data.labels), config.batch_size, config.seed, epoch)
-    for i, batch in enumerate(tqdm(batches, desc=f"epoch {epoch + 1}", disable=not progress, leave=False)):
+    for i, batch in enumerate(progress_bar(batches, desc=f"epoch {epoch + 1}", enabled=progress)):
         lr = learning_rate(epoch * steps_per_epoch + i, total_steps, warmup_steps, config.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -367,7 +318,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Split
         if config.cutmix > 0 and float(torch.rand((), generator=cutmix_rng)) < config.cutmix:
             images, donor_targets, own_share = cutmix_batch(images, targets, cutmix_rng)
         with autocast(config.precision):
-            logits = model(_normalise(images, config.channels_last))
+            logits = model(_normalise(images, config))
         loss = own_share * F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
         if own_share < 1.0:
             loss = loss + (1.0 - own_share) * F.cross_entropy(logits.float(), donor_targets,
@@ -412,7 +363,7 @@ def recalibrate_batchnorm(model: nn.Module, data: _Split, config: PretrainConfig
         for chunk in _eval_chunks(chosen, config.eval_batch_size or 2 * config.batch_size):
             images = eval_transform(data.images[chunk], config.image_size)
             with autocast(config.precision):
-                model(_normalise(images, config.channels_last))
+                model(_normalise(images, config))
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -427,7 +378,7 @@ def evaluate(model: nn.Module, data: _Split, config: PretrainConfig, num_classes
     for start in range(0, len(data.labels), batch_size):
         images = eval_transform(data.images[start:start + batch_size], config.image_size)
         with autocast(config.precision):
-            logits = model(_normalise(images, config.channels_last)).float()
+            logits = model(_normalise(images, config)).float()
         loss_sum += float(F.cross_entropy(logits, data.labels[start:start + batch_size], reduction="sum"))
         predictions.append(logits.argmax(dim=1))
     predicted = torch.cat(predictions)
@@ -452,7 +403,8 @@ def save_backbone(out_dir: Path, model: nn.Module, config: PretrainConfig, data:
         "val_accuracy": None if val is None else val["val_acc"],
         "val_per_class_accuracy": None if val is None else dict(zip(data.classes, val["per_class"])),
         "image_size": config.image_size,
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "input_range": [0, 1]},
+        "normalization": {"mean": list(backbone_info(config.backbone).mean), "std": list(backbone_info(config.backbone).std),
+                          "input_range": [0, 1]},
         "data": data.source,
         "num_train_images": len(data.train_paths),
         "num_val_images": len(data.val_paths),
@@ -462,23 +414,6 @@ def save_backbone(out_dir: Path, model: nn.Module, config: PretrainConfig, data:
     save_tensors(path, {k: v.float() for k, v in model.state_dict().items()}, metadata=metadata)
     write_json(out_dir / BACKBONE_JSON, description)
     return path
-
-
-def _save_resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int,
-                 best: float, history: list[dict[str, Any]], config: PretrainConfig, data: ClassificationData) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "best_val_acc": best,
-        "history_json": json.dumps(history),
-        "config_json": json.dumps(config.to_dict()),
-        "data_json": json.dumps(_data_identity(data)),
-        "torch_rng": torch.get_rng_state(),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def _comparable(config_dict: dict[str, Any]) -> dict[str, Any]:
@@ -492,7 +427,7 @@ def _data_identity(data: ClassificationData) -> dict[str, Any]:
 
 def _load_resume(path: Path, config: PretrainConfig, data: ClassificationData) -> dict[str, Any]:
     """Read ``resume.pt``; ConfigError when it belongs to another configuration or other data."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_resume(path)
     if _comparable(json.loads(state["config_json"])) != _comparable(config.to_dict()):
         raise ConfigError(f"{path.parent}: holds a pretraining run with another configuration; "
                           "choose a new output folder or delete it")
@@ -500,38 +435,6 @@ def _load_resume(path: Path, config: PretrainConfig, data: ClassificationData) -
         raise ConfigError(f"{path.parent}: holds a pretraining run on other classes or images; "
                           "choose a new output folder or delete it")
     return state
-
-
-def _write_metrics(out_dir: Path, history: list[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0].keys()))
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(out_dir / METRICS, buffer.getvalue())
-    plot_pretrain_curves(history, out_dir / CURVES)
-
-
-def plot_pretrain_curves(history: list[dict[str, Any]], path: str | Path) -> None:
-    """Training/validation loss and top-1 accuracy per epoch, side by side, written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, key, label in ((ax_loss, "loss", "cross-entropy"), (ax_acc, "acc", "top-1 accuracy")):
-        for split in ("train", "val"):
-            values = [row.get(f"{split}_{key}") for row in history]
-            if all(v is not None for v in values):
-                ax.plot(epochs, values, marker="o", ms=3, label=split)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------- driver
@@ -570,13 +473,12 @@ def _summary(history: list[dict[str, Any]], data: ClassificationData, out_dir: P
     }
 
 
-def pretrain(config: PretrainConfig, data: ClassificationData, out_dir: str | Path, progress: bool = True,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+def pretrain(config: PretrainConfig, data: ClassificationData, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train ``config.backbone`` to classify ``data`` and save its best-on-validation weights in ``out_dir``.
 
     Resumes when ``out_dir`` holds a ``resume.pt`` of the same configuration (only ``threads`` may
     differ) and the same classes and image counts: the result is then identical to an
-    uninterrupted run. ``log`` receives one line per epoch, after that epoch's files are written.
+    uninterrupted run. One line per epoch is logged, after that epoch's files are written.
 
     Returns:
         A summary: best epoch and its validation top-1, final top-1, epochs run, classes, image
@@ -594,47 +496,57 @@ def pretrain(config: PretrainConfig, data: ClassificationData, out_dir: str | Pa
     if config.threads:
         torch.set_num_threads(config.threads)
     resume_path = out_dir / RESUME
-    state = _load_resume(resume_path, config, data) if resume_path.exists() else None
+    payload = _load_resume(resume_path, config, data) if resume_path.exists() else None
     write_json(out_dir / CONFIG_FILE, {"config": config.to_dict(), "data": data.source, "classes": list(data.classes),
                                        "num_train": len(data.train_paths), "num_val": len(data.val_paths)})
-    if state is not None and int(state["epoch"]) + 1 >= config.epochs:
-        log(f"{out_dir}: all {config.epochs} epochs are done already")
-        return _summary(json.loads(state["history_json"]), data, out_dir)
-    log(f"pretraining {config.backbone} on {data.summary()}; {data.source}")
+    if payload is not None and int(payload["epoch"]) + 1 >= config.epochs:
+        logger.info(f"{out_dir}: all {config.epochs} epochs are done already")
+        return _summary(json.loads(payload["history_json"]), data, out_dir)
+    logger.info(f"pretraining {config.backbone} on {data.summary()}; {data.source}")
     train, val = _decode_splits(config, data, progress)
 
     model = build_classifier(config, data.num_classes)
     optimizer = build_optimizer(model, config)
-    start_epoch, step, best, history = 0, 0, -math.inf, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
-        best, history = float(state["best_val_acc"]), json.loads(state["history_json"])
-        log(f"resuming {out_dir} at epoch {start_epoch + 1}/{config.epochs}")
+    state, step = LoopState(), 0
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        state, step = resumed_state(payload, best_key="best_val_acc"), int(payload["step"])
+        logger.info(f"resuming {out_dir} at epoch {state.start_epoch + 1}/{config.epochs}")
 
     steps_per_epoch = len(epoch_batches(len(train.labels), config.batch_size, config.seed, 0))
-    for epoch in range(start_epoch, config.epochs):
+    latest: dict[str, Any] = {}  # the validation scores of the epoch just run
+
+    def run_epoch(epoch: int) -> EpochResult:
+        nonlocal step
         terms = train_epoch(model, optimizer, train, config, epoch, steps_per_epoch, progress)
         step += steps_per_epoch
         recalibrate_batchnorm(model, train, config, epoch)
         scores = evaluate(model, val, config, data.num_classes) if len(val.labels) else None
+        latest["scores"], latest["terms"] = scores, terms
         row = {"epoch": epoch + 1, "lr": terms["lr"], "train_loss": round(terms["train_loss"], 5),
                "train_acc": round(terms["train_acc"], 5),
                "val_loss": None if scores is None else round(scores["val_loss"], 5),
                "val_acc": None if scores is None else round(scores["val_acc"], 5),
                "train_seconds": round(terms["train_seconds"], 3), "images_per_s": round(terms["images_per_s"], 2)}
-        history.append(row)
-        # Without validation images every epoch is "best", so the last one is kept.
-        improved = scores is None or scores["val_acc"] > best
-        if improved:
-            best = -math.inf if scores is None else scores["val_acc"]
-            save_backbone(out_dir, model, config, data, epoch + 1, scores)
-        _write_metrics(out_dir, history)
-        _save_resume(resume_path, model, optimizer, epoch, step, best, history, config, data)
+        return row, None if scores is None else scores["val_acc"]
+
+    def save_state(epoch: int, current: LoopState) -> None:
+        save_resume(resume_path, current, epoch, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                    config_json=json.dumps(config.to_dict()), data_json=json.dumps(_data_identity(data)))
+
+    def describe(epoch: int, row: dict[str, Any], improved: bool) -> str:
+        scores, terms = latest["scores"], latest["terms"]
         val_text = "" if scores is None else f"  val loss {scores['val_loss']:.4f}  val acc {scores['val_acc']:.2%}"
-        log(f"epoch {epoch + 1}/{config.epochs}  loss {terms['train_loss']:.4f}  train acc {terms['train_acc']:.2%}"
-            f"{val_text}  {terms['images_per_s']:.1f} img/s  {terms['train_seconds']:.1f}s"
-            + ("  *best" if improved else ""))
-    return _summary(history, data, out_dir)
+        return (f"epoch {epoch + 1}/{config.epochs}  loss {terms['train_loss']:.4f}  train acc {terms['train_acc']:.2%}"
+                f"{val_text}  {terms['images_per_s']:.1f} img/s  {terms['train_seconds']:.1f}s"
+                + ("  *best" if improved else ""))
+
+    state = run_epochs(
+        state, config.epochs, run_epoch,
+        save_best=lambda epoch, row: save_backbone(out_dir, model, config, data, epoch + 1, latest["scores"]),
+        save_state=save_state,
+        write_metrics=lambda history: write_history(out_dir, history, plot_pretrain_curves, CURVES),
+        describe=describe,
+    )
+    return _summary(state.history, data, out_dir)

@@ -1,0 +1,384 @@
+"""The model bundle: a trained retriever as a folder that loads with nothing else.
+
+``rsitr export RUN_DIR --out MODEL_DIR`` (:func:`export_model`) writes everything needed to use
+a model, and nothing else — no dataset, no feature cache, no training state::
+
+    bundle.json          format version, architecture and config, feature spec, preprocessing,
+                         text settings, precision, where the model came from, and the size and
+                         SHA-256 of every other file
+    backbone.safetensors the frozen (or end-to-end trained) image backbone, torchvision keys
+    model.safetensors    the retrieval model's weights, the feature standardiser's statistics
+                         among them (``standardize.*`` buffers)
+    vocab.json           the vocabulary (AMFMN json layout)
+
+:func:`load_model` reads a bundle or a run directory of ``rsitr train`` and returns a
+:class:`RetrievalBundle`: ``encode_images`` (paths, PIL images or arrays of any size, with
+optional region boxes), ``encode_texts`` and ``score``, plus ``first_stage`` where the model
+has a separable pair of embeddings for a fast first retrieval stage.
+
+Every check is a one-line :class:`~rsitr.errors.CheckpointError` naming the file: another format
+version, a missing or truncated file, a digest that does not match the manifest.
+
+Choices:
+
+* Region and map features pass through the float16 rounding of the feature cache
+  (:func:`rsitr.features.as_read`), so a bundle scores an image exactly as the run's evaluation
+  scored it from the cache.
+* A run without pretrained weights used a seeded random backbone; the bundle stores that backbone's
+  weights, so it no longer depends on the seed or on the code that drew it.
+* A detections file is a property of a dataset, not of a model: the bundle keeps no boxes, and
+  images without boxes get the built-in 36 boxes (:func:`rsitr.features.roi.default_boxes`),
+  exactly as dataset images without detections do. Pass a detector's boxes to ``encode_images``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from rsitr.backbones import Backbone, backbone_info, create_backbone
+from rsitr.errors import CheckpointError
+from rsitr.evaluation import encode_image_chunks, encode_text_chunks, score_encodings
+from rsitr.features import FeatureSpec, ImageInput, feature_dims, features_of_images, file_sha256, image_batch
+from rsitr.io import read_yaml_mapping, save_tensors, write_json
+from rsitr.models import RetrievalModel, create_model
+from rsitr.models.base import Encoding
+from rsitr.models.registry import ModelSpec
+from rsitr.precision import check_precision
+from rsitr.progress import progress_bar
+from rsitr.text import Vocabulary, encode_batch, text_inputs
+
+BUNDLE_FORMAT = "rsitr-model-v1"
+MANIFEST = "bundle.json"
+BACKBONE_FILE = "backbone.safetensors"
+MODEL_FILE = "model.safetensors"
+VOCAB_FILE = "vocab.json"
+#: Files of a run directory that :func:`load_model` reads (written by ``rsitr train``).
+RUN_MODEL_JSON = "model.json"
+RUN_CONFIG = "config.yaml"
+DEFAULT_MAX_LENGTH = 48
+
+
+def vocab_digest(vocab: Vocabulary) -> str:
+    """A short digest of the vocabulary's word list, recorded with the weights trained on it."""
+    return hashlib.sha256("\n".join(vocab.idx2word).encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class RetrievalBundle:
+    """A trained retriever ready to encode images and texts and to score them.
+
+    Attributes:
+        model: the retrieval model, in eval mode.
+        backbone: the frozen image backbone, in eval mode and channels_last layout.
+        vocab: the vocabulary captions are tokenised with.
+        spec: the model's name, architecture, backbone and parameters.
+        feature_spec: the features the model reads (backbone weights, image size, regions, maps).
+        max_length: captions are cut to this many tokens, as in training.
+        precision: the model's default precision (``"fp32"`` or ``"bf16"``); features use
+            ``feature_spec.precision``.
+        info: where the model came from (run, epoch, validation metrics), as recorded.
+    """
+
+    model: RetrievalModel
+    backbone: Backbone
+    vocab: Vocabulary
+    spec: ModelSpec
+    feature_spec: FeatureSpec
+    max_length: int = DEFAULT_MAX_LENGTH
+    precision: str = "fp32"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------- encoding
+
+    def image_features(self, images: Sequence[ImageInput], boxes: Sequence[np.ndarray | None] | None = None,
+                       scores: Sequence[np.ndarray | None] | None = None, batch_size: int = 32,
+                       progress: bool = False) -> dict[str, torch.Tensor]:
+        """Backbone features of any images, as the model reads them from a feature cache.
+
+        ``boxes[k]`` are image k's region boxes (x1, y1, x2, y2 in its own pixels) or None for the
+        built-in ones; ``scores[k]`` rank them when there are more than the model uses.
+        """
+        parts = []
+        starts = range(0, len(images), max(1, batch_size))
+        for start in progress_bar(starts, desc="image features", unit="batch", enabled=progress):
+            stop = start + batch_size
+            batch = image_batch(images[start:stop], self.feature_spec,
+                                None if boxes is None else boxes[start:stop],
+                                None if scores is None else scores[start:stop])
+            parts.append(features_of_images(self.backbone, batch, self.feature_spec))
+        if not parts:
+            raise ValueError("encode_images needs at least one image")
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    def encode_images(self, images: Sequence[ImageInput], boxes: Sequence[np.ndarray | None] | None = None,
+                      scores: Sequence[np.ndarray | None] | None = None, batch_size: int = 32,
+                      precision: str | None = None, progress: bool = False) -> Encoding:
+        """Encodings of any images (paths, PIL images or arrays; any size and mode)."""
+        features = self.image_features(images, boxes, scores, batch_size, progress)
+        return self.encode_features(features, batch_size, precision)
+
+    def encode_features(self, features: dict[str, torch.Tensor], batch_size: int = 256,
+                        precision: str | None = None) -> Encoding:
+        """Encodings of images given by their backbone features (e.g. rows of a feature cache)."""
+        return encode_image_chunks(self.model, features, batch_size, self._precision(precision))
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Token ids, lengths and the model's extra text inputs of free-text queries.
+
+        A query carries nothing but its own text: keyword inputs (AMFMN) come from its own words.
+        """
+        tokens, lengths = encode_batch(self.vocab, list(texts), self.max_length)
+        return tokens, lengths, text_inputs(self.vocab, list(texts), self.model.text_inputs)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, precision: str | None = None) -> Encoding:
+        """Encodings of sentences."""
+        if not texts:
+            raise ValueError("encode_texts needs at least one text")
+        tokens, lengths, extras = self.tokenize(texts)
+        return encode_text_chunks(self.model, tokens, lengths, batch_size, extras, self._precision(precision))
+
+    def score(self, image_encodings: Encoding, text_encodings: Encoding, precision: str | None = None,
+              progress: bool = False) -> torch.Tensor:
+        """(n_images, n_texts) float32 scores: the model's full score (pair by pair for pairwise models)."""
+        return score_encodings(self.model, image_encodings, text_encodings, self._precision(precision), progress)
+
+    @property
+    def pairwise(self) -> bool:
+        """Whether the full score of a pair needs both sides (then ``score`` costs n_images × n_texts)."""
+        return self.model.pairwise
+
+    @property
+    def has_first_stage(self) -> bool:
+        """Whether the model has a separable pair of embeddings (see :meth:`first_stage`)."""
+        return self.model.first_stage is not None
+
+    def first_stage(self, image_encodings: Encoding, text_encodings: Encoding) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-length (n, d) image and text embeddings whose dot products approximate the full score.
+
+        Separable models return the embeddings their score is the cosine of. DOVE returns the
+        global pair V_M / T_G (Eq. 29): the global visual-semantic constraint (Eq. 30–31, weight
+        λ_g) trains exactly their cosine to rank matching pairs first, and neither depends on the
+        other side, so they can be indexed once and searched by nearest neighbour before the
+        pairwise IGA score re-ranks the short list.
+
+        Raises:
+            ValueError: the model has no separable stage.
+        """
+        keys = self.model.first_stage
+        if keys is None:
+            raise ValueError(f"model {self.spec.name!r} has no separable first stage")
+        image_key, text_key = keys
+        normalize = torch.nn.functional.normalize
+        return (normalize(image_encodings[image_key].float(), dim=-1),
+                normalize(text_encodings[text_key].float(), dim=-1))
+
+    def _precision(self, precision: str | None) -> str:
+        return check_precision(precision or self.precision)
+
+    # ------------------------------------------------------------------------------- saving
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the bundle to ``out_dir`` (see the module doc); returns the manifest's path.
+
+        Every file is written atomically, the manifest last, so a folder without ``bundle.json``
+        is an unfinished export and a folder with one is complete.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
+        save_tensors(out / BACKBONE_FILE, {k: v.float() if v.is_floating_point() else v
+                                           for k, v in self.backbone.state_dict().items()},
+                     metadata={"rsitr_backbone": self.spec.backbone})
+        save_tensors(out / MODEL_FILE, self.model.state_dict(), metadata={"rsitr_model": json.dumps(self.spec.to_dict()),
+                               "vocab_sha": vocab_digest(self.vocab)})
+        self.vocab.save(out / VOCAB_FILE)
+        write_json(out / MANIFEST, self._manifest(out))
+        return out / MANIFEST
+
+    def _manifest(self, out: Path) -> dict[str, Any]:
+        info = backbone_info(self.spec.backbone)
+        features = replace(self.feature_spec, weights=None, detections=None).to_dict()
+        features["weights"] = BACKBONE_FILE
+        standardiser = sorted(k for k in self.model.state_dict() if k.startswith("standardize."))
+        return {
+            "format": BUNDLE_FORMAT,
+            "model": self.spec.to_dict(),
+            "features": features,
+            "feature_dims": feature_dims(self.feature_spec),
+            "preprocessing": {"image_size": self.feature_spec.image_size, "resize": "bilinear", "color": "RGB",
+                              "input_range": [0, 1], "mean": list(info.mean), "std": list(info.std),
+                              "default_boxes": "rsitr.features.roi.default_boxes"},
+            "text": {"max_length": self.max_length, "vocab_size": len(self.vocab), "vocab_sha": vocab_digest(self.vocab),
+                     "text_inputs": list(self.model.text_inputs)},
+            "precision": {"model": self.precision, "features": self.feature_spec.precision},
+            "first_stage": list(self.model.first_stage) if self.model.first_stage else None,
+            "standardizer": standardiser,
+            "source": self.info,
+            "files": {name: _file_entry(out / name) for name in (BACKBONE_FILE, MODEL_FILE, VOCAB_FILE)},
+        }
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def load_model(path: str | Path, verify: bool = True) -> RetrievalBundle:
+    """Load a model bundle (``bundle.json``) or a run directory (``model.json``) for use.
+
+    ``verify`` checks every file of a bundle against the sizes and digests of its manifest.
+
+    Raises:
+        CheckpointError: neither a bundle nor a run directory, another format version, a missing,
+            truncated or altered file, or weights that do not fit the model.
+    """
+    folder = Path(path)
+    if (folder / MANIFEST).is_file():
+        return _load_bundle(folder, verify)
+    if (folder / RUN_MODEL_JSON).is_file() or (folder / MODEL_FILE).is_file():
+        return _load_run(folder)
+    if not folder.exists():
+        raise CheckpointError(folder, "model folder not found")
+    raise CheckpointError(folder, f"not a model bundle ({MANIFEST}) or a run directory ({RUN_MODEL_JSON})")
+
+
+def export_model(source: str | Path, out_dir: str | Path) -> Path:
+    """Write the bundle of a run directory (or copy a bundle) to ``out_dir``; returns the manifest."""
+    return load_model(source).save(out_dir)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(path, f"{what} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"{what} is not valid JSON ({exc.__class__.__name__})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(path, f"{what} must be a JSON object")
+    return data
+
+
+def _verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != {BACKBONE_FILE, MODEL_FILE, VOCAB_FILE}:
+        raise CheckpointError(folder / MANIFEST, f"manifest must list {BACKBONE_FILE}, {MODEL_FILE} and {VOCAB_FILE}")
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(path, "bundle file missing")
+        size = path.stat().st_size
+        if size != entry.get("bytes"):
+            raise CheckpointError(path, f"bundle file is {size} bytes, the manifest says {entry.get('bytes')} (truncated or replaced)")
+        if file_sha256(path) != entry.get("sha256"):
+            raise CheckpointError(path, "bundle file does not match the SHA-256 digest of its manifest")
+
+
+def _load_bundle(folder: Path, verify: bool) -> RetrievalBundle:
+    manifest = _read_json(folder / MANIFEST, "bundle manifest")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(folder / MANIFEST, f"bundle format {manifest.get('format')!r} is not {BUNDLE_FORMAT!r}; "
+                              "export the model again with this version of rsitr")
+    if verify:
+        _verify_files(folder, manifest)
+    try:
+        spec = ModelSpec.from_dict(manifest["model"])
+        features = dict(manifest["features"])
+        text = manifest["text"]
+        precision = manifest["precision"]
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(folder / MANIFEST, f"bundle manifest lacks {exc}") from exc
+    features["weights"] = folder / BACKBONE_FILE
+    feature_spec = FeatureSpec.from_dict(features)
+    vocab = Vocabulary.load(folder / VOCAB_FILE)
+    return _assemble(spec, feature_spec, vocab, folder / MODEL_FILE, folder / BACKBONE_FILE,
+                     int(text.get("max_length", DEFAULT_MAX_LENGTH)), precision.get("model", "fp32"),
+                     dict(manifest.get("source") or {}))
+
+
+def _run_settings(folder: Path) -> tuple[int, str, bool]:
+    """Caption length, model precision and end-to-end flag of a run, from its ``config.yaml``."""
+    if not (folder / RUN_CONFIG).is_file():
+        return DEFAULT_MAX_LENGTH, "fp32", False
+    data = read_yaml_mapping(folder / RUN_CONFIG, "a run config must be a mapping of sections")
+    text, train = dict(data.get("text") or {}), dict(data.get("train") or {})
+    return (int(text.get("max_length") or DEFAULT_MAX_LENGTH), str(train.get("precision") or "fp32"),
+            bool(train.get("train_backbone")))
+
+
+def _load_run(folder: Path) -> RetrievalBundle:
+    """A run directory of ``rsitr train``: its best checkpoint, vocabulary and backbone."""
+    description = _read_json(folder / RUN_MODEL_JSON, "run model description")
+    try:
+        spec = ModelSpec.from_dict(description["model"])
+        feature_spec = FeatureSpec.from_dict(description["features"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(folder / RUN_MODEL_JSON, f"run model description lacks {exc}") from exc
+    max_length, precision, end_to_end = _run_settings(folder)
+    trained = description.get("trained_backbone") or (BACKBONE_FILE if end_to_end else None)
+    if trained:
+        backbone_path = folder / trained
+        if not backbone_path.is_file():
+            raise CheckpointError(backbone_path, "end-to-end run without its trained backbone")
+    else:
+        backbone_path = feature_spec.weights
+        expected = description.get("backbone_sha256")
+        if backbone_path is not None:
+            if not Path(backbone_path).is_file():
+                raise CheckpointError(backbone_path, "backbone weights of the run not found (the run records this path)")
+            if expected and file_sha256(backbone_path) != expected:
+                raise CheckpointError(backbone_path, "backbone weights changed since the run was trained (SHA-256 differs)")
+    vocab = Vocabulary.load(folder / VOCAB_FILE)
+    info = {"run": str(folder.resolve()), "epoch": description.get("epoch"),
+            "val_metrics": description.get("val_metrics"), "vocab_sha": description.get("vocab_sha")}
+    return _assemble(spec, feature_spec, vocab, folder / MODEL_FILE, backbone_path, max_length, precision, info)
+
+
+def _assemble(spec: ModelSpec, feature_spec: FeatureSpec, vocab: Vocabulary, weights: Path,
+              backbone_weights: Path | None, max_length: int, precision: str, info: dict[str, Any]) -> RetrievalBundle:
+    model = create_model(spec, feature_dims=feature_dims(feature_spec), vocab_size=len(vocab))
+    load_model_weights(weights, model, spec, vocab)
+    backbone = create_backbone(feature_spec.backbone, backbone_weights, feature_spec.seed)
+    backbone = backbone.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    return RetrievalBundle(model=model.eval(), backbone=backbone, vocab=vocab, spec=spec, feature_spec=feature_spec,
+                           max_length=max_length, precision=check_precision(precision, "model precision"), info=info)
+
+
+def read_checkpoint_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a safetensors checkpoint; CheckpointError when missing or unreadable."""
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise CheckpointError(path, f"not a readable safetensors file ({exc.__class__.__name__})") from exc
+
+
+def load_model_weights(path: Path, model: RetrievalModel, spec: ModelSpec, vocab: Vocabulary) -> dict[str, str]:
+    """Load ``path`` into ``model`` after checking it was saved for this model (and vocabulary, if recorded)."""
+    meta = read_checkpoint_metadata(path)
+    if "rsitr_model" not in meta:
+        raise CheckpointError(path, "not an rsitr checkpoint (no model metadata)")
+    saved = ModelSpec.from_dict(json.loads(meta["rsitr_model"]))
+    if saved.architecture != spec.architecture or saved.params != spec.params:
+        raise CheckpointError(path, f"checkpoint is of model {saved.architecture} {saved.params}, not {spec.architecture} {spec.params}")
+    if "vocab_sha" in meta and meta["vocab_sha"] != vocab_digest(vocab):
+        raise CheckpointError(path, "checkpoint was trained with another vocabulary")
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(path, f"weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return meta

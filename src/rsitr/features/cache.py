@@ -1,0 +1,187 @@
+"""The on-disk feature cache: every image of a dataset, extracted once, stored as safetensors.
+
+The cache file ``{dataset}-{backbone}-{key[:16]}.safetensors`` is keyed by a digest of everything
+that changes the features (:meth:`FeatureSpec.cache_key`), and its metadata repeats the key and
+the image list; a file whose metadata does not match is recomputed, never reused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from rsitr.data.dataset import RetrievalDataset
+from rsitr.errors import CheckpointError, ConfigError
+from rsitr.features.compute import compute_dataset_tensors
+from rsitr.features.spec import FEATURES_FORMAT, MAP_PREFIX, TENSOR_KEYS, FeatureSpec, parse_maps
+from rsitr.io import save_tensors
+from rsitr.progress import get_logger
+
+logger = get_logger(__name__)
+
+
+def _index(image_ids: Sequence[int] | np.ndarray | Tensor) -> Tensor:
+    """Row ids (list, numpy array or tensor) as a 1-D int64 tensor."""
+    if isinstance(image_ids, Tensor):
+        return image_ids.to(torch.long).reshape(-1)
+    return torch.from_numpy(np.asarray(image_ids, dtype=np.int64).reshape(-1))
+
+
+@dataclass
+class ImageFeatures:
+    """Cached features of every image of a dataset, rows in dataset image order.
+
+    Attributes:
+        level1, level2, level3, level4: float32 (n, C_l), pooled ResNet stage outputs (M_v).
+        regions: float16 (n, N_r, C_region), RoIAlign region features (R_v).
+        region_mask: bool (n, N_r), True for real boxes, False for padding.
+        region_boxes: float32 (n, N_r, 4), boxes in resized-image pixels.
+        maps: float16 (n, C, s, s) spatial maps by key ``map_<level>`` (empty unless the spec asks).
+        image_files: the dataset's image filenames, one per row.
+        spec: the spec the features were extracted with.
+        cache_key: :meth:`FeatureSpec.cache_key` of the source dataset ("" for a subset).
+    """
+
+    level1: Tensor
+    level2: Tensor
+    level3: Tensor
+    level4: Tensor
+    regions: Tensor
+    region_mask: Tensor
+    region_boxes: Tensor
+    image_files: list[str]
+    spec: FeatureSpec
+    cache_key: str = ""
+    maps: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_files)
+
+    @property
+    def levels(self) -> list[Tensor]:
+        """``[level1, level2, level3, level4]``."""
+        return [self.level1, self.level2, self.level3, self.level4]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors by name (``TENSOR_KEYS`` and the ``map_<level>`` keys)."""
+        return {**{k: getattr(self, k) for k in TENSOR_KEYS}, **self.maps}
+
+    def select(self, image_ids: Sequence[int] | np.ndarray | Tensor) -> dict[str, Tensor]:
+        """Rows of ``image_ids`` as a batch: levels, regions and maps (cast to float32), mask and boxes."""
+        idx = _index(image_ids)
+        batch = {k: v.index_select(0, idx) for k, v in self.tensors().items()}
+        for key in ("regions", *self.maps):
+            batch[key] = batch[key].float()
+        return batch
+
+    def subset(self, image_ids: Sequence[int] | np.ndarray | Tensor) -> ImageFeatures:
+        """The given rows, in the given order (e.g. one split of the dataset)."""
+        return _from_tensors({k: v.index_select(0, _index(image_ids)) for k, v in self.tensors().items()},
+                             [self.image_files[i] for i in _index(image_ids).tolist()], self.spec, "")
+
+
+def _from_tensors(tensors: dict[str, Tensor], image_files: list[str], spec: FeatureSpec, cache_key: str) -> ImageFeatures:
+    maps = {k: v for k, v in tensors.items() if k.startswith(MAP_PREFIX)}
+    return ImageFeatures(**{k: tensors[k] for k in TENSOR_KEYS}, image_files=image_files, spec=spec,
+                         cache_key=cache_key, maps=maps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache files
+
+
+def save_features(path: str | Path, features: ImageFeatures) -> None:
+    """Write ``features`` atomically as safetensors with spec, key and image list in metadata."""
+    metadata = {
+        "format": FEATURES_FORMAT,
+        "cache_key": features.cache_key,
+        "spec": json.dumps(features.spec.to_dict(), sort_keys=True),
+        "image_files": json.dumps(features.image_files),
+    }
+    save_tensors(path, features.tensors(), metadata=metadata)
+
+
+def load_features(path: str | Path) -> ImageFeatures:
+    """Read a features file written by :func:`save_features`.
+
+    Raises:
+        CheckpointError: unreadable file, wrong format, or missing/inconsistent tensors.
+    """
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise CheckpointError(path, f"cannot read features file ({exc.__class__.__name__})") from exc
+    if metadata.get("format") != FEATURES_FORMAT:
+        raise CheckpointError(path, f"not an rsitr features file (format {metadata.get('format')!r})")
+    missing = [k for k in TENSOR_KEYS if k not in tensors]
+    if missing:
+        raise CheckpointError(path, f"features file lacks tensors: {', '.join(missing)}")
+    try:
+        spec = FeatureSpec.from_dict(json.loads(metadata["spec"]))
+        image_files = list(json.loads(metadata["image_files"]))
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise CheckpointError(path, f"features file has invalid metadata ({exc.__class__.__name__})") from exc
+    rows = {k: t.shape[0] for k, t in tensors.items()}
+    if set(rows.values()) != {len(image_files)}:
+        raise CheckpointError(path, f"features file rows {rows} do not match {len(image_files)} image names")
+    missing_maps = [f"{MAP_PREFIX}{level}" for level, _ in parse_maps(spec.maps, spec.backbone)
+                    if f"{MAP_PREFIX}{level}" not in tensors]
+    if missing_maps:
+        raise CheckpointError(path, f"features file lacks maps: {', '.join(missing_maps)}")
+    tensors["region_mask"] = tensors["region_mask"].bool()
+    return _from_tensors(tensors, image_files, spec, metadata.get("cache_key", ""))
+
+
+def _load_cached(path: Path, key: str, dataset: RetrievalDataset) -> ImageFeatures | None:
+    """The cache at ``path`` if it is readable and made for exactly this key and image list."""
+    try:
+        cached = load_features(path)
+    except CheckpointError as exc:
+        logger.warning("ignoring unreadable feature cache: %s", exc)
+        return None
+    if cached.cache_key != key or cached.image_files != list(dataset.image_files):
+        logger.warning("feature cache %s was made for other images or settings; recomputing", path.name)
+        return None
+    return cached
+
+
+def compute_features(dataset: RetrievalDataset, spec: FeatureSpec, batch_size: int = 32,
+                     progress: bool = True) -> ImageFeatures:
+    """Features of every image of ``dataset`` (all splits, dataset order); no cache is read or written."""
+    tensors = compute_dataset_tensors(dataset, spec, batch_size=batch_size, progress=progress)
+    return _from_tensors(tensors, list(dataset.image_files), spec, "")
+
+
+def extract_features(dataset: RetrievalDataset, spec: FeatureSpec, cache_dir: str | Path | None,
+                     batch_size: int = 32, progress: bool = True) -> ImageFeatures:
+    """Features of every image of ``dataset``, from the cache when it is valid, else computed.
+
+    The cache file (:meth:`FeatureSpec.cache_path`) is reused only if its stored key and image
+    list equal this dataset's; otherwise (or if unreadable) the features are recomputed and the
+    file is replaced atomically. ``cache_dir=None`` computes without caching.
+    """
+    key = spec.cache_key(dataset)
+    path = spec.cache_path(dataset, cache_dir, key) if cache_dir is not None else None
+    if path is not None and path.is_file():
+        cached = _load_cached(path, key, dataset)
+        if cached is not None:
+            cached.spec = spec  # same key, so equivalent; keep the caller's paths
+            logger.info("features: loaded %d images from cache %s", cached.num_images, path.name)
+            return cached
+    features = compute_features(dataset, spec, batch_size=batch_size, progress=progress)
+    features.cache_key = key
+    if path is not None:
+        save_features(path, features)
+    return features
+

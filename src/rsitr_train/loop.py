@@ -1,0 +1,110 @@
+"""The epoch skeleton shared by retrieval training and backbone pretraining.
+
+Both trainers run the same loop: resume from ``resume.pt`` if it is there, then per epoch train,
+validate, keep the checkpoint of the best validation score, write the metrics table and its plot,
+save the resume state, and log one line — in that order, so that a run killed at any moment
+resumes from the last completed epoch and ends exactly as an uninterrupted one. What differs (the
+step, the score, the files of a best epoch) is passed in.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rsitr.io import atomic_path, write_text
+from rsitr.progress import get_logger
+
+logger = get_logger(__name__)
+
+RESUME = "resume.pt"
+METRICS = "metrics.csv"
+
+#: One epoch's results: the metrics row, and the validation score (higher is better; None when
+#: there is nothing to validate on, which makes every epoch the best so the last one is kept).
+EpochResult = tuple[dict[str, Any], float | None]
+
+
+@dataclass
+class LoopState:
+    """Where a run stands: the next epoch, the best validation score so far and the rows written."""
+
+    start_epoch: int = 0
+    best: float = -math.inf
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, min_last: int) -> list[Tensor]:
+    """A permutation of ``range(n)`` cut into batches; a last batch under ``min_last`` items is dropped
+    unless it is the only one (a seeded generator makes a resumed epoch repeat its order)."""
+    batches = list(torch.randperm(n, generator=generator).split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < min_last:
+        batches.pop()
+    return batches
+
+
+def save_resume(path: Path, state: LoopState, last_epoch: int, **extra: Any) -> None:
+    """Write ``resume.pt`` atomically: ``extra`` (state dicts, counters) plus the loop state and the RNG."""
+    payload = {**extra, "epoch": last_epoch, "best": state.best, "history_json": json.dumps(state.history),
+               "torch_rng": torch.get_rng_state()}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_resume(path: Path) -> dict[str, Any]:
+    """The payload of :func:`save_resume` (tensors only, read with ``weights_only=True``)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resumed_state(payload: dict[str, Any], best_key: str = "best") -> LoopState:
+    """The :class:`LoopState` after the epoch a resume payload was written at; restores the RNG."""
+    torch.set_rng_state(payload["torch_rng"])
+    best = payload[best_key] if best_key in payload else payload["best"]
+    return LoopState(int(payload["epoch"]) + 1, float(best), json.loads(payload["history_json"]))
+
+
+def write_history(out_dir: Path, history: list[dict[str, Any]], plot: Callable[[list[dict[str, Any]], Path], None],
+                  plot_name: str) -> None:
+    """``metrics.csv`` (one row per epoch) and its plot, both written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0].keys()))
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(out_dir / METRICS, buffer.getvalue())
+    plot(history, out_dir / plot_name)
+
+
+def run_epochs(state: LoopState, epochs: int, run_epoch: Callable[[int], EpochResult],
+               save_best: Callable[[int, dict[str, Any]], None], save_state: Callable[[int, LoopState], None],
+               write_metrics: Callable[[list[dict[str, Any]]], None],
+               describe: Callable[[int, dict[str, Any], bool], str]) -> LoopState:
+    """Epochs ``state.start_epoch`` .. ``epochs - 1`` of the shared skeleton; returns the final state.
+
+    Args:
+        run_epoch: trains and validates epoch ``e`` (0-based), returns its row and score.
+        save_best: writes the checkpoint of epoch ``e`` when it is the best so far.
+        save_state: writes the resume state after epoch ``e``.
+        write_metrics: writes the metrics of every epoch so far.
+        describe: the log line of epoch ``e`` (its row; whether it was the best).
+    """
+    for epoch in range(state.start_epoch, epochs):
+        row, score = run_epoch(epoch)
+        state.history.append(row)
+        improved = score is None or score > state.best
+        if improved:
+            state.best = -math.inf if score is None else score
+            save_best(epoch, row)
+        write_metrics(state.history)
+        state.start_epoch = epoch + 1
+        save_state(epoch, state)
+        logger.info(describe(epoch, row, improved))
+    return state

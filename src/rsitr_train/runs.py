@@ -1,0 +1,138 @@
+"""Run directories: the files ``rsitr train`` writes, and loading and evaluating a finished run.
+
+A run directory holds everything needed to evaluate or resume a run::
+
+    config.yaml          the resolved run configuration
+    vocab.json           the vocabulary (AMFMN layout)
+    model.safetensors    weights of the epoch with the best validation mR (never chosen on test)
+    model.json           its model spec, feature spec, vocabulary digest, epoch and val metrics
+    backbone.safetensors the backbone of that epoch (end-to-end runs only; torchvision keys, so
+                         ``--backbone-weights`` and :func:`rsitr.backbones.create_backbone` load it)
+    resume.pt            last epoch's model, optimiser, scheduler and RNG state (for resuming),
+                         and the backbone in end-to-end runs
+    metrics.csv          loss terms and validation metrics per epoch
+    training_curves.png  the same, plotted
+
+The model of a run loads without its dataset through the library (:func:`rsitr.load_model`), and
+``rsitr export`` turns it into a self-contained bundle; evaluating a split needs the dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rsitr.backbones import Backbone
+from rsitr.bundle import BACKBONE_FILE, MODEL_FILE, RUN_MODEL_JSON, load_model, vocab_digest
+from rsitr.data import load_dataset
+from rsitr.errors import CheckpointError
+from rsitr.evaluation import chance_metrics, format_table
+from rsitr.features import feature_dims, file_sha256
+from rsitr.io import save_tensors, write_json
+from rsitr.models import RetrievalModel
+from rsitr.text import Vocabulary
+from rsitr_train.config import load_config
+from rsitr_train.trainer import Prepared, evaluate_split, prepare
+
+CHECKPOINT = MODEL_FILE
+BACKBONE_CHECKPOINT = BACKBONE_FILE
+
+
+def save_checkpoint(path: Path, model: RetrievalModel, prepared: Prepared, epoch: int, metrics: dict[str, float]) -> None:
+    """Weights as safetensors; model spec, feature dims and vocabulary digest in its metadata and in ``model.json``."""
+    metadata = {
+        "rsitr_model": json.dumps(prepared.spec.to_dict()),
+        "feature_dims": json.dumps(feature_dims(prepared.feature_spec)),
+        "vocab_sha": vocab_digest(prepared.vocab),
+        "vocab_size": str(len(prepared.vocab)),
+        "epoch": str(epoch),
+        "val_metrics": json.dumps(metrics),
+    }
+    description: dict[str, Any] = {
+        "model": prepared.spec.to_dict(),
+        "features": prepared.feature_spec.to_dict(),
+        "feature_dims": feature_dims(prepared.feature_spec),
+        "vocab_size": len(prepared.vocab),
+        "vocab_sha": vocab_digest(prepared.vocab),
+        "epoch": epoch,
+        "val_metrics": metrics,
+    }
+    if prepared.feature_spec.weights is not None:
+        description["backbone_sha256"] = file_sha256(prepared.feature_spec.weights)
+    if prepared.backbone is not None:  # end to end: the features come from this file, not the cache
+        metadata["trained_backbone"] = description["trained_backbone"] = BACKBONE_CHECKPOINT
+    save_tensors(path, model.state_dict(), metadata=metadata)
+    write_json(path.parent / RUN_MODEL_JSON, description)
+
+
+def save_backbone(path: Path, backbone: Backbone, epoch: int) -> None:
+    """The backbone's state dict with torchvision keys (loadable by ``--backbone-weights``), atomically."""
+    metadata = {"rsitr_backbone": backbone.name, "epoch": str(epoch)}
+    save_tensors(path, backbone.state_dict(), metadata=metadata)
+
+
+def load_run(run_dir: str | Path, progress: bool = True) -> tuple[RetrievalModel, Prepared]:
+    """The model of a run directory with its best weights, and its dataset, ready to evaluate.
+
+    The model comes from :func:`rsitr.load_model` (no dataset needed); the dataset, and for a
+    frozen backbone its feature cache, come from the run's config. For an end-to-end run the
+    trained backbone is attached (``prepared.backbone``) and :func:`evaluate_split` computes the
+    split's features with it.
+    """
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise CheckpointError(run_dir, "not a run directory (no config.yaml)")
+    config = load_config(config_path)
+    bundle = load_model(run_dir)
+    end_to_end = config.train.train_backbone
+    prepared = prepare(config, vocab=Vocabulary.load(run_dir / "vocab.json"), progress=progress, extract=not end_to_end)
+    if end_to_end:
+        prepared.backbone = bundle.backbone
+    return bundle.model, prepared
+
+
+def evaluate_run(run_dir: str | Path, split: str, batch_size: int, json_path: str | Path | None = None,
+                 progress: bool = True, precision: str | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """Evaluate a run directory on ``split``; write and return the result (:func:`result_table` prints it).
+
+    ``precision`` (``"fp32"`` or ``"bf16"``) overrides the run's ``train.precision``; ``dataset``
+    evaluates on another copy of the data than the one the run's config names.
+    """
+    if dataset is not None:
+        load_dataset(dataset)  # fail early, with the reader's message, on a bad path
+    model, prepared = load_run(run_dir, progress=progress) if dataset is None else _load_run_on(run_dir, dataset, progress)
+    precision = precision or prepared.config.train.precision
+    started = time.perf_counter()
+    metrics, sims, data = evaluate_split(model, prepared, split, batch_size, progress=progress, precision=precision)
+    seconds = time.perf_counter() - started
+    chance = chance_metrics(len(data.image_ids), data.caption_local_image)
+    result = {"model": prepared.spec.name, "dataset": prepared.dataset.name, "split": split,
+              "n_images": len(data.image_ids), "n_captions": len(data.lengths), "metrics": metrics,
+              "chance": chance, "precision": precision, "seconds": round(seconds, 3)}
+    write_json(json_path or Path(run_dir) / f"eval_{split}.json", result)
+    return result
+
+
+def result_table(result: dict[str, Any]) -> str:
+    """The result of :func:`evaluate_run` as a table laid out like DOVE's Table I, chance beside it."""
+    title = (f"{result['model']} on {result['dataset']} {result['split']}: "
+             f"{result['n_images']} images, {result['n_captions']} captions")
+    pairs = result["n_images"] * result["n_captions"]
+    return (format_table(result["metrics"], result["chance"], title=title)
+            + f"\nscored {pairs:,} pairs in {result['seconds']:.2f} s")
+
+
+def _load_run_on(run_dir: str | Path, dataset: str, progress: bool) -> tuple[RetrievalModel, Prepared]:
+    """:func:`load_run` with ``data.path`` replaced by ``dataset``."""
+    config = load_config(Path(run_dir) / "config.yaml")
+    moved = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(dataset)))
+    bundle = load_model(run_dir)
+    prepared = prepare(moved, vocab=bundle.vocab, progress=progress, extract=not config.train.train_backbone)
+    if config.train.train_backbone:
+        prepared.backbone = bundle.backbone
+    return bundle.model, prepared
+

@@ -1,0 +1,400 @@
+"""Retrieval training: a run config in, a run directory out (:mod:`rsitr_train.runs` lists its files).
+
+Training draws batches over captions (each epoch visits every training caption once), looks up the
+cached features of each caption's image, and steps Adam with the paper's step decay; the epoch
+skeleton (resume, best checkpoint on validation, metrics, log line) is :mod:`rsitr_train.loop`'s,
+shared with backbone pretraining.
+
+``train.precision: bf16`` runs the model's forward (``training_loss``, and validation scoring)
+under CPU bfloat16 autocast; master weights, gradients and the optimiser stay float32.
+
+End-to-end training (``train.train_backbone: true``, :mod:`rsitr_train.end_to_end`) trains the
+backbone with the model instead of reading cached features:
+
+* The model's feature standardiser (``standardize``) is fitted once, on the initial backbone's
+  training features (the feature cache), and kept fixed: re-fitting it as the backbone moves
+  would shift the inputs of the layers that are learning to read them.
+* One Adam optimiser with two parameter groups: the model at ``train.lr`` and the backbone at
+  ``train.backbone_lr`` (default a tenth of ``lr``: pretrained features should move slowly
+  while the heads are still random). Gradients are clipped per group; the step decay applies to
+  both.
+* Validation computes the validation images' features with the current backbone (eval transform,
+  no gradients) each epoch; :func:`rsitr_train.runs.load_run` evaluates with the saved
+  ``backbone.safetensors`` rather than the frozen cache.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rsitr.backbones import Backbone
+from rsitr.data import RetrievalDataset, load_dataset
+from rsitr.data.tokenized import SplitData, split_data
+from rsitr.errors import CheckpointError, ConfigError
+from rsitr.evaluation import evaluate_features
+from rsitr.features import FeatureSpec, ImageFeatures, extract_features, feature_dims
+from rsitr.io import write_text
+from rsitr.models import RetrievalModel, create_model, get_model_spec
+from rsitr.models.base import TrainingCorpus
+from rsitr.models.registry import ModelSpec
+from rsitr.precision import autocast
+from rsitr.progress import get_logger, progress_bar
+from rsitr.text import Vocabulary, load_glove
+from rsitr_train.config import RunConfig, load_config
+from rsitr_train.end_to_end import (
+    ImageStore,
+    backbone_train_mode,
+    build_trainable_backbone,
+    compute_store_features,
+    end_to_end_augment,
+    load_image_store,
+    store_features,
+    trainable_backbone_parameters,
+)
+from rsitr_train.loop import (
+    RESUME,
+    EpochResult,
+    LoopState,
+    load_resume,
+    resumed_state,
+    run_epochs,
+    save_resume,
+    shuffled_batches,
+    write_history,
+)
+
+logger = get_logger(__name__)
+
+CURVES = "training_curves.png"
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs besides the model: dataset, vocabulary, features, model spec.
+
+    ``features`` is the frozen-backbone cache (None when an end-to-end run is loaded for
+    evaluation: its features come from ``backbone``). ``backbone`` and ``images`` are set in
+    end-to-end training (the backbone being trained and the decoded train/val images) and when
+    such a run is loaded (the trained backbone; images are decoded per evaluated split).
+    """
+
+    config: RunConfig
+    dataset: RetrievalDataset
+    vocab: Vocabulary
+    features: ImageFeatures | None
+    spec: ModelSpec
+    feature_spec: FeatureSpec
+    backbone: Backbone | None = None
+    images: ImageStore | None = None
+
+
+def feature_spec(config: RunConfig, spec: ModelSpec) -> FeatureSpec:
+    """The feature-extraction spec of a run: the run's feature section, then what the model needs.
+
+    The model's ``features`` (e.g. DSAN's 299 px and 8 × 8 Inception grid) override the run's
+    defaults, since the model cannot run on anything else.
+    """
+    f = config.features
+    values: dict[str, Any] = {
+        "backbone": spec.backbone,
+        "weights": f.backbone_weights,
+        "image_size": f.image_size,
+        "detections": f.detections,
+        "precision": f.precision,
+        "seed": f.backbone_seed,
+    }
+    values.update(spec.features)
+    return FeatureSpec(**values)
+
+
+def prepare(config: RunConfig, vocab: Vocabulary | None = None, progress: bool = True, extract: bool = True) -> Prepared:
+    """Read the dataset, build or load the vocabulary, and extract (or load cached) features.
+
+    ``extract=False`` skips the feature cache (``features`` is None): for an end-to-end run whose
+    features come from its own trained backbone.
+    """
+    if not config.data.path:
+        raise ConfigError("data.path is empty: give the dataset file or folder (--dataset PATH)")
+    dataset = load_dataset(config.data.path, layout=config.data.layout, image_dir=config.data.image_dir, name=config.data.name)
+    for split in (config.data.train_split, config.data.val_split):
+        if split not in dataset.splits():
+            raise ConfigError(f"{config.data.path}: no {split!r} split (has: {', '.join(dataset.splits())})")
+    if vocab is None:
+        if config.text.vocab:
+            vocab = Vocabulary.load(config.text.vocab)
+        else:
+            train = dataset.split(config.data.train_split)
+            vocab = Vocabulary.build(train.captions, min_count=config.text.min_count)
+    spec = get_model_spec(config.model.name).with_overrides(config.model.params, config.model.features)
+    fspec = feature_spec(config, spec)
+    features = None
+    if extract:
+        features = extract_features(dataset, fspec, Path(config.features.cache_dir),
+                                    batch_size=config.features.batch_size, progress=progress)
+    return Prepared(config=config, dataset=dataset, vocab=vocab, features=features, spec=spec, feature_spec=fspec)
+
+
+def build_model(prepared: Prepared, fit_statistics: bool = True) -> RetrievalModel:
+    """Create the run's model; word vectors come from GloVe when configured.
+
+    ``fit_statistics`` fits the feature standardiser on the training split; callers that load
+    weights right after (evaluation, resuming) skip it, since the checkpoint holds the statistics.
+    """
+    torch.manual_seed(prepared.config.train.seed)
+    dims = feature_dims(prepared.feature_spec)
+    model = create_model(prepared.spec, feature_dims=dims, vocab_size=len(prepared.vocab))
+    if prepared.config.text.glove:
+        embedding = getattr(model, "word_embedding", None)
+        if embedding is None:
+            raise ConfigError(f"model {prepared.spec.name!r} has no word embedding to initialise from GloVe")
+        weights, found = load_glove(prepared.config.text.glove, prepared.vocab, embedding.embedding_dim)
+        embedding.weight.data.copy_(weights)
+        logger.info(f"GloVe: {found}/{len(prepared.vocab) - 1} words found")
+    standardizer = getattr(model, "standardize", None)
+    if fit_statistics and standardizer is not None:
+        if prepared.features is None:
+            raise ConfigError("fitting the feature standardiser needs the cached features (prepare with extract=True)")
+        train_ids = torch.tensor(prepared.dataset.split_indices(prepared.config.data.train_split))
+        standardizer.fit(prepared.features.select(train_ids))
+    return model
+
+
+def evaluate_split(model: RetrievalModel, prepared: Prepared, split: str, batch_size: int, progress: bool = True,
+                   data: SplitData | None = None, precision: str | None = None) -> tuple[dict[str, float], Tensor, SplitData]:
+    """Metrics, similarity matrix and caption data of one split.
+
+    Args:
+        data: the split already tokenised (else tokenised here).
+        precision: ``"fp32"`` or ``"bf16"`` for the model (and a trained backbone); None = the
+            run's ``train.precision``.
+
+    Image features come from the cache, or in an end-to-end run from ``prepared.backbone``
+    (:func:`split_image_features`).
+    """
+    precision = precision or prepared.config.train.precision
+    if data is None:
+        data = split_data(prepared.dataset, split, prepared.vocab, prepared.config.text.max_length, model.text_inputs)
+    image_features = split_image_features(prepared, data.image_ids, precision, progress)
+    metrics, sims = evaluate_features(model, image_features, data, batch_size, precision, progress)
+    return metrics, sims, data
+
+
+def split_image_features(prepared: Prepared, image_ids: Tensor, precision: str, progress: bool = True) -> dict[str, Tensor]:
+    """Features of ``image_ids``: from the cache, or from the run's own backbone when it has one."""
+    if prepared.backbone is None:
+        if prepared.features is None:
+            raise ConfigError("no image features: the run has neither a feature cache nor a trained backbone")
+        return prepared.features.select(image_ids)
+    store = prepared.images
+    if store is None or not store.holds(image_ids):
+        store = load_image_store(prepared.dataset, prepared.feature_spec, image_ids.tolist(),
+                                 threads=prepared.config.train.threads, progress=progress)
+    return compute_store_features(prepared.backbone, store, image_ids, prepared.feature_spec, precision,
+                                  prepared.config.features.batch_size, progress)
+
+
+def _start_end_to_end(prepared: Prepared, train_ids: Tensor, val_ids: Tensor, progress: bool) -> None:
+    """Build the trainable backbone and decode the training and validation images into ``prepared``."""
+    prepared.backbone = build_trainable_backbone(prepared.feature_spec)
+    ids = sorted(set(train_ids.tolist()) | set(val_ids.tolist()))
+    prepared.images = load_image_store(prepared.dataset, prepared.feature_spec, ids,
+                                       threads=prepared.config.train.threads, progress=progress)
+
+
+def _build_optimizer(model: RetrievalModel, backbone: Backbone | None, config: RunConfig) -> torch.optim.Adam:
+    """Adam over the model (``lr``), plus a second group for the backbone (``backbone_lr``) end to end."""
+    heads = [p for p in model.parameters() if p.requires_grad]
+    if backbone is None:
+        return torch.optim.Adam(heads, lr=config.train.lr)
+    groups = [{"params": heads},
+              {"params": trainable_backbone_parameters(backbone), "lr": config.train.effective_backbone_lr}]
+    return torch.optim.Adam(groups, lr=config.train.lr)
+
+
+def _lr_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.StepLR:
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.train.lr_decay_every, gamma=config.train.lr_decay)
+
+
+def _plot(history: list[dict[str, Any]], path: Path) -> None:
+    from rsitr_train.plots import plot_training_curves
+
+    plot_training_curves(history, path)
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Caption order of an epoch: a permutation seeded by (seed, epoch), so a resumed run repeats it.
+
+    A last batch of one caption is dropped: a one-pair batch has no negative.
+    """
+    return shuffled_batches(n, batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch), min_last=2)
+
+
+def _augment_generator(seed: int, epoch: int) -> torch.Generator:
+    """The augmentation draws of an epoch, seeded by (seed, epoch) apart from the batch order."""
+    return torch.Generator().manual_seed((seed * 100_003 + epoch) * 2 + 1)
+
+
+def _same_config(run_dir: Path, config: RunConfig) -> bool:
+    """Whether ``run_dir/config.yaml`` (if any) describes ``config``; keys it lacks take their defaults."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return True
+    try:
+        saved = load_config(path)
+    except (ConfigError, TypeError):
+        return False
+    return saved.to_yaml() == config.to_yaml()
+
+
+def _restore(payload: dict[str, Any], model: RetrievalModel, backbone: Backbone | None, optimizer, scheduler,
+             path: Path) -> LoopState:
+    """Load a resume payload into the model, backbone, optimiser, scheduler and the global RNG."""
+    model.load_state_dict(payload["model"])
+    if backbone is not None:
+        if "backbone" not in payload:
+            raise CheckpointError(path, "resume state has no backbone, but train.train_backbone is on")
+        backbone.load_state_dict(payload["backbone"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    return resumed_state(payload, best_key="best_mR")
+
+
+def train(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir``; resumes when ``run_dir`` holds a ``resume.pt`` of the same config.
+
+    Returns a summary: best epoch, its validation metrics, seconds per epoch.
+    """
+    from rsitr_train.runs import BACKBONE_CHECKPOINT, CHECKPOINT, save_backbone, save_checkpoint
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    resume_path = run_dir / RESUME
+    if resume_path.exists():
+        if not _same_config(run_dir, config):
+            raise ConfigError(f"{run_dir}: holds a run with another config; choose a new --out or delete it")
+        vocab = Vocabulary.load(run_dir / "vocab.json")
+    else:
+        vocab = None
+    prepared = prepare(config, vocab=vocab, progress=progress)
+    write_text(run_dir / "config.yaml", config.to_yaml())
+    prepared.vocab.save(run_dir / "vocab.json")
+
+    model = build_model(prepared, fit_statistics=not resume_path.exists())
+    train_data = split_data(prepared.dataset, config.data.train_split, prepared.vocab, config.text.max_length, model.text_inputs)
+    val_data = split_data(prepared.dataset, config.data.val_split, prepared.vocab, config.text.max_length, model.text_inputs)
+    if config.train.train_backbone:
+        _start_end_to_end(prepared, train_data.image_ids, val_data.image_ids, progress)
+    backbone = prepared.backbone
+    optimizer = _build_optimizer(model, backbone, config)
+    scheduler = _lr_scheduler(optimizer, config)
+    state = LoopState()
+    if resume_path.exists():
+        state = _restore(load_resume(resume_path), model, backbone, optimizer, scheduler, resume_path)
+        logger.info(f"resuming {run_dir} at epoch {state.start_epoch + 1}/{config.train.epochs}")
+
+    model.prepare_training(TrainingCorpus(
+        captions=prepared.dataset.captions, caption_image=prepared.dataset.caption_image,
+        train_caption_ids=train_data.caption_ids.numpy(), keywords=prepared.dataset.keywords, vocab=prepared.vocab,
+    ))
+    n_params = model.num_parameters()
+    n_backbone = sum(p.numel() for p in trainable_backbone_parameters(backbone)) if backbone is not None else 0
+    how = (f"+ {n_backbone / 1e6:.2f} M backbone trained end to end" if backbone is not None
+           else "backbone frozen, features cached")
+    logger.info(f"model {prepared.spec.name}: {n_params / 1e6:.2f} M trainable parameters ({how})")
+
+    latest: dict[str, dict[str, float]] = {}  # the validation metrics of the epoch just run
+
+    def run_epoch(epoch: int) -> EpochResult:
+        started = time.perf_counter()
+        terms = _train_epoch(model, optimizer, prepared, train_data, epoch, progress)
+        train_seconds = time.perf_counter() - started
+        metrics, _, _ = evaluate_split(model, prepared, config.data.val_split, config.train.eval_batch_size,
+                                       progress=False, data=val_data)
+        lrs = {"lr": optimizer.param_groups[0]["lr"]}
+        if backbone is not None:
+            lrs["backbone_lr"] = optimizer.param_groups[1]["lr"]
+        scheduler.step()
+        row = {"epoch": epoch + 1, **lrs, **terms, "train_seconds": round(train_seconds, 3),
+               **{f"val_{k}": round(v, 4) for k, v in metrics.items()}}
+        latest["metrics"] = metrics
+        return row, metrics["mR"]
+
+    def save_best(epoch: int, row: dict[str, Any]) -> None:
+        if backbone is not None:
+            save_backbone(run_dir / BACKBONE_CHECKPOINT, backbone, epoch + 1)
+        save_checkpoint(run_dir / CHECKPOINT, model, prepared, epoch + 1, latest["metrics"])
+
+    def save_state(epoch: int, current: LoopState) -> None:
+        extra = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if backbone is not None:
+            extra["backbone"] = backbone.state_dict()
+        save_resume(resume_path, current, epoch, **extra)
+
+    def describe(epoch: int, row: dict[str, Any], improved: bool) -> str:
+        return (f"epoch {epoch + 1}/{config.train.epochs}  loss {row['loss']:.4f}  val mR {row['val_mR']:.2f}"
+                f"  rsum {row['val_rsum']:.1f}  {row['train_seconds']:.1f}s{'  *best' if improved else ''}")
+
+    def write_metrics(history: list[dict[str, Any]]) -> None:
+        write_history(run_dir, history, _plot, CURVES)
+
+    state = run_epochs(state, config.train.epochs, run_epoch, save_best, save_state, write_metrics, describe)
+    history = state.history
+    best_row = max(history, key=lambda r: r["val_mR"]) if history else {}
+    summary = {"best_epoch": best_row.get("epoch"), "best_val_mR": best_row.get("val_mR"),
+               "seconds_per_epoch": float(np.mean([r["train_seconds"] for r in history])) if history else 0.0,
+               "parameters": n_params}
+    if backbone is not None:
+        summary["backbone_parameters"] = n_backbone
+    return summary
+
+
+def _trim(values: torch.Tensor) -> torch.Tensor:
+    """Drop trailing all-padding columns of a padded token tensor (lengths are left as they are)."""
+    if values.dim() != 2:
+        return values
+    used = (values != 0).any(dim=0).nonzero()
+    return values[:, : int(used.max()) + 1] if len(used) else values[:, :1]
+
+
+def _train_epoch(model: RetrievalModel, optimizer, prepared: Prepared, data: SplitData, epoch: int, progress: bool) -> dict[str, float]:
+    """One pass over the training captions; mean loss terms. End to end, the backbone steps as well."""
+    config = prepared.config.train
+    model.train()
+    backbone = prepared.backbone
+    generator = None
+    if backbone is not None:
+        backbone_train_mode(backbone)
+        generator = _augment_generator(config.seed, epoch) if config.effective_augment else None
+    augment = end_to_end_augment() if generator is not None else None
+    sums: dict[str, float] = {}
+    batches = _epoch_batches(len(data.lengths), config.batch_size, config.seed, epoch)
+    for batch in progress_bar(batches, desc=f"epoch {epoch + 1}", enabled=progress):
+        lengths = data.lengths[batch]
+        tokens = data.tokens[batch, : int(lengths.max())]
+        image_ids = data.caption_image[batch]
+        if backbone is None:
+            features = prepared.features.select(image_ids)
+        else:
+            features = store_features(backbone, prepared.images, image_ids, prepared.feature_spec, config.precision,
+                                      augment, generator)
+        extras = {name: _trim(value[batch]) for name, value in data.extras.items()}
+        with autocast(config.precision):
+            terms = model.training_loss(features, tokens, lengths, image_ids, caption_ids=data.caption_ids[batch], **extras)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if config.grad_clip > 0:  # after backward, before step; per group so one cannot starve the other
+            for group in optimizer.param_groups:
+                torch.nn.utils.clip_grad_norm_(group["params"], config.grad_clip)
+        optimizer.step()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+    return {name: round(total / max(1, len(batches)), 5) for name, total in sums.items()}
