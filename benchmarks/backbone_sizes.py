@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from rsitr.data.imagefolder import load_classification_data
+from rsitr.data.images import decode_images
 from rsitr.errors import ConfigError
 from rsitr.io import load_tensors
-from rsitr_train.pretrain import BACKBONE_FILE, BACKBONE_JSON, PretrainConfig, _Split, build_classifier, decode_images, evaluate
+from rsitr_train.pretrain import BACKBONE_FILE, BACKBONE_JSON, PretrainConfig, _Split, build_classifier, evaluate
 
 
 def main() -> None:

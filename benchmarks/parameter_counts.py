@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 
-from rsitr_train.experiments import backbone_parameters
 from rsitr.features import FeatureSpec, feature_dims
 from rsitr.models import create_model, get_model_spec, list_models
 from rsitr.models.registry import get_model_reference
 from rsitr.text import Vocabulary
+from rsitr_train.experiments import backbone_parameters
 
 
 def feature_spec(spec) -> FeatureSpec:
@@ -41,7 +41,7 @@ def main() -> None:
         frozen = backbone_parameters(spec.backbone)
         try:
             paper = get_model_reference(name).get("parameters_m", "–")
-        except Exception:  # noqa: BLE001 - a user YAML outside the shipped set has no reference
+        except Exception:
             paper = "–"
         print(f"| {spec.name} | {spec.backbone} | {trainable / 1e6:.2f} | {frozen / 1e6:.2f} "
               f"| {(trainable + frozen) / 1e6:.2f} | {paper} |")

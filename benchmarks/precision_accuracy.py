@@ -22,7 +22,8 @@ from pathlib import Path
 
 from rsitr.evaluation import chance_metrics, format_table
 from rsitr.features import extract_features
-from rsitr_train.trainer import Prepared, evaluate_split, load_run
+from rsitr_train.runs import load_run
+from rsitr_train.trainer import Prepared, evaluate_split
 
 PRECISIONS = ("fp32", "bf16")
 

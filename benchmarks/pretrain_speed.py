@@ -27,9 +27,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from rsitr_train.augment import AugmentConfig, augment_batch
 from rsitr.backbones import create_backbone
-from rsitr.evaluation import autocast
+from rsitr.precision import autocast
+from rsitr_train.augment import AugmentConfig, augment_batch
 from rsitr_train.profiling import best_rates, best_step_seconds, count_flops, format_rates, matmul_rates
 
 

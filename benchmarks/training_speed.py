@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 import torch
 
-from rsitr.evaluation import autocast
 from rsitr.features import FeatureSpec, feature_dims
 from rsitr.models import create_model, get_model_spec
+from rsitr.precision import autocast
 from rsitr_train.profiling import best_rates, best_step_seconds, count_flops, format_rates, matmul_rates
 
 

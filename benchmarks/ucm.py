@@ -16,7 +16,7 @@ seen before evaluation. A script, not a test: it takes tens of minutes on a 2-co
                              [--cutmix 0.5] [--weight-decay 5e-4] [--finetune-size 0]
                              [--image-size SIZE] [--epochs 6] [--seed 0] [--seeds 3]
 
-The defaults are the recipe of ``configs/pretrain_ucm_r18.yaml``: 150 epochs at 128 px, where an
+The defaults are the recipe ``pretrain_ucm_r18`` (``src/rsitr_train/configs/``): 150 epochs at 128 px, where an
 epoch costs about a third of one at 224 px. Features are extracted at the size the backbone was
 trained at last (the pretraining size, or ``--finetune-size`` when fine-tuning), because a
 backbone used at another size than it was trained and BatchNorm-calibrated at loses accuracy;
@@ -33,13 +33,14 @@ import statistics
 import time
 from pathlib import Path
 
-from rsitr_train.config import load_config
 from rsitr.data.imagefolder import load_classification_data
-from rsitr.evaluation import chance_metrics, class_oracle_metrics, format_table
 from rsitr.errors import ConfigError
+from rsitr.evaluation import chance_metrics, class_oracle_metrics, format_table
 from rsitr.io import write_json
+from rsitr_train.config import load_config
 from rsitr_train.pretrain import PretrainConfig, pretrain
-from rsitr_train.trainer import evaluate_split, feature_spec, load_run, prepare, train
+from rsitr_train.runs import load_run
+from rsitr_train.trainer import evaluate_split, feature_spec, prepare, train
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ucm_captions"
 

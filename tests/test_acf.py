@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from helpers import loss_curve, random_tokens
 from rsitr.errors import ConfigError
 from rsitr.features import FeatureSpec, feature_dims
 from rsitr.models import create_model, get_model_spec
@@ -15,8 +16,6 @@ from rsitr.models.acf import AcfConfig, as_nodes, correct_attention, filter_atte
 from rsitr.models.base import take_rows
 from rsitr.models.layers import FeatureStandardizer
 from rsitr.models.registry import ModelSpec
-
-from helpers import loss_curve, random_tokens
 
 MAP_CHANNELS = {"stage2": 12, "stage3": 16, "stage4": 20}
 DIMS = {"level_channels": [8, 12, 16, 20], "maps": {level: (c, 7) for level, c in MAP_CHANNELS.items()}}
@@ -305,9 +304,8 @@ def test_head_parameter_count_with_paper_dimensions():
 
 def test_trains_and_evaluates_end_to_end_on_cached_vig_maps(tiny_synth, tmp_path):
     """The real path: pvig_s maps cached from the shipped YAML, trainer-fitted standardiser, chunked scoring."""
-    from rsitr_train.runs import evaluate_run
     from rsitr_train.config import load_config
-    from rsitr_train.runs import load_run
+    from rsitr_train.runs import evaluate_run, load_run
     from rsitr_train.trainer import train
 
     overrides = [

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from helpers import loss_curve, random_tokens
 from rsitr.errors import ConfigError
 from rsitr.losses import triplet_ranking_loss
 from rsitr.models import create_model, get_model_spec
@@ -15,9 +16,7 @@ from rsitr.models.amfmn import (
 )
 from rsitr.models.base import TrainingCorpus, take_rows
 from rsitr.models.registry import ModelSpec
-
 from rsitr_train.plots import plot_salient_masks
-from helpers import loss_curve, random_tokens
 
 FEATURE_DIMS = {
     "level_channels": [8, 16, 32, 64], "region_channels": 32, "num_regions": 0,

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rsitr.errors import ConfigError
 from rsitr_train.augment import (
     AugmentConfig,
     augment_batch,
@@ -15,7 +16,6 @@ from rsitr_train.augment import (
     sample_geometry,
     warp,
 )
-from rsitr.errors import ConfigError
 
 #: Geometry switched off entirely: full-frame crop, no flips, no rotation, no colour jitter.
 STILL = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, vflip=0.0, rotate90=False,

@@ -6,10 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import randomise_batchnorm_statistics, same_levels
 from rsitr.backbones import create_backbone, list_backbones, load_backbone_weights
 from rsitr.errors import CheckpointError, ConfigError
-
-from helpers import randomise_batchnorm_statistics, same_levels
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

@@ -1,7 +1,7 @@
 import pytest
 
-from rsitr_train.config import load_config
 from rsitr.errors import ConfigError
+from rsitr_train.config import load_config
 
 
 def test_defaults_are_the_papers():

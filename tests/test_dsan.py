@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from helpers import loss_curve
 from rsitr.errors import ConfigError
 from rsitr.features import FeatureSpec, feature_dims
 from rsitr.models import ModelSpec, create_model, get_model_spec
 from rsitr.models.base import concat_encodings, take_rows
 from rsitr.models.dsan import DsanConfig, attention_weights, gated_update, grid_cells
 from rsitr.models.registry import build_config
-
-from helpers import loss_curve
 
 CHANNELS, SIDE, VOCAB = 24, 3, 50
 DIMS = {"maps": {"mixed_7c": (CHANNELS, SIDE)}, "level_channels": (192, 288, 768, CHANNELS)}

@@ -10,19 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from rsitr_train import trainer as training
-from rsitr_train.augment import AugmentConfig, sample_geometry, warp
 from rsitr.backbones import create_backbone
-from rsitr_cli.main import main
-from rsitr_train.runs import evaluate_run
-from rsitr_train.config import load_config
 from rsitr.data import load_dataset
 from rsitr.errors import ConfigError
 from rsitr.evaluation import compute_similarity
 from rsitr.features import FeatureSpec, extract_features
+from rsitr_cli.main import main
+from rsitr_train import trainer as training
+from rsitr_train.augment import AugmentConfig, sample_geometry, warp
+from rsitr_train.config import load_config
 from rsitr_train.end_to_end import compute_store_features, load_image_store, transform_boxes
 from rsitr_train.loop import RESUME
-from rsitr_train.runs import BACKBONE_CHECKPOINT, CHECKPOINT, load_run
+from rsitr_train.runs import BACKBONE_CHECKPOINT, CHECKPOINT, evaluate_run, load_run
 from rsitr_train.trainer import evaluate_split, train
 
 QUIET = {"progress": False}

@@ -105,7 +105,10 @@ def test_input_validation():
 
 def test_blockwise_assembly_independent_of_block_size():
     full = torch.randn(23, 41)
-    score = lambda rows, cols: full[rows, cols]
+
+    def score(rows, cols):
+        return full[rows, cols]
+
     for ib, cb in ((1, 1), (5, 7), (64, 64)):
         assert torch.equal(blockwise_similarity(score, 23, 41, ib, cb), full)
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from rsitr_train import experiments
-from rsitr_cli.main import main
 from rsitr.errors import ConfigError
+from rsitr_cli.main import main
+from rsitr_train import experiments
 from rsitr_train.experiments import RunResult, Variant, aggregate, list_studies, load_study, markdown_tables, variant_config
 
 

@@ -19,8 +19,8 @@ from rsitr.data.imagefolder import (
     scene_classification_data,
     stratified_split,
 )
-from rsitr.errors import DatasetError, ImageReadError, SplitNotFoundError
 from rsitr.data.images import decode_images
+from rsitr.errors import DatasetError, ImageReadError, SplitNotFoundError
 
 COUNTS = {"harbor": 4, "beach": 5, "forest": 7}
 

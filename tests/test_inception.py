@@ -6,13 +6,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rsitr.backbones import backbone_info, create_backbone, list_backbones, load_backbone_weights
+from helpers import randomise_batchnorm_statistics, same_levels
+from rsitr.backbones import IMAGENET_MEAN, IMAGENET_STD, backbone_info, create_backbone, list_backbones, load_backbone_weights
 from rsitr.backbones.inception import LEVEL_NAMES, MIN_INPUT_SIZE, inception_v3, level_sizes
-from rsitr.backbones import IMAGENET_MEAN, IMAGENET_STD
 from rsitr.data.images import normalize
 from rsitr.errors import CheckpointError
-
-from helpers import randomise_batchnorm_statistics, same_levels
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

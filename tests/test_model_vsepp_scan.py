@@ -4,11 +4,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from helpers import loss_curve
 from rsitr.evaluation import compute_similarity
 from rsitr.models import ModelSpec, create_model, get_model_spec
 from rsitr.models.base import take_rows
-
-from helpers import loss_curve
 
 FEATURE_DIMS = {"level_channels": [8, 16, 32, 64], "region_channels": 32, "num_regions": 6}
 PAPER_DIMS = {"level_channels": (256, 512, 1024, 2048), "region_channels": 1024, "num_regions": 36}

@@ -4,11 +4,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from helpers import loss_curve, random_tokens
 from rsitr.errors import ConfigError, UnknownModelError
 from rsitr.models import create_model, get_model_spec, list_models
 from rsitr.models.base import take_rows
-
-from helpers import loss_curve, random_tokens
 
 FEATURE_DIMS = {"level_channels": [8, 16, 32, 64], "region_channels": 32}
 VOCAB = 50

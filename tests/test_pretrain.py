@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from rsitr_train.augment import AugmentConfig
+from helpers import log_lines
 from rsitr.backbones import create_backbone
 from rsitr.data.imagefolder import ClassificationData, load_imagefolder
 from rsitr.errors import ConfigError
 from rsitr.io import load_tensors
-from helpers import log_lines
+from rsitr_train.augment import AugmentConfig
 from rsitr_train.loop import METRICS, RESUME
 from rsitr_train.pretrain import (
     BACKBONE_FILE,
@@ -231,7 +231,7 @@ def test_cutmix_box_stays_inside_and_covers_the_drawn_share_on_average() -> None
 def test_cutmix_run_trains(colour_data, tmp_path: Path) -> None:
     summary = pretrain(replace(TINY, cutmix=1.0), colour_data, tmp_path, progress=False)
     assert summary["epochs"] == 2 and math.isfinite(summary["best_val_acc"])
-    history = list(csv.DictReader(open(tmp_path / METRICS)))
+    history = list(csv.DictReader((tmp_path / METRICS).read_text().splitlines()))
     assert all(math.isfinite(float(row["train_loss"])) for row in history)
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rsitr.features.detections import read_detections, select_boxes
 from rsitr.errors import DatasetError
+from rsitr.features.detections import read_detections, select_boxes
 from rsitr.features.roi import default_boxes, roi_align
 
 

@@ -8,13 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rsitr_cli.main import main
-from rsitr_train.runs import evaluate_run
-from rsitr_train.config import load_config
+from rsitr.bundle import load_model_weights
 from rsitr.errors import CheckpointError, ConfigError
 from rsitr.text import Vocabulary
-from rsitr.bundle import load_model_weights
-from rsitr_train.runs import CHECKPOINT, load_run
+from rsitr_cli.main import main
+from rsitr_train.config import load_config
+from rsitr_train.runs import CHECKPOINT, evaluate_run, load_run
 from rsitr_train.trainer import train
 
 

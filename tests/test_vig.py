@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
+from helpers import randomise_batchnorm_statistics, same_levels
 from rsitr.backbones import backbone_info, create_backbone, list_backbones, load_backbone_weights
 from rsitr.backbones.vig import (
     knn_graph,
@@ -17,8 +18,6 @@ from rsitr.backbones.vig import (
     rename_reference_keys,
     sincos_relative_position,
 )
-
-from helpers import randomise_batchnorm_statistics, same_levels
 
 #: Parameter counts reported by the ViG paper (Table 3, Pyramid ViG, 1000-class head).
 PAPER_PARAMS = {"pvig_ti": 10.7e6, "pvig_s": 27.3e6}

@@ -328,6 +328,7 @@ def _load_run(folder: Path) -> RetrievalBundle:
         raise CheckpointError(folder / RUN_MODEL_JSON, f"run model description lacks {exc}") from exc
     max_length, precision, end_to_end = _run_settings(folder)
     trained = description.get("trained_backbone") or (BACKBONE_FILE if end_to_end else None)
+    backbone_path: Path | None
     if trained:
         backbone_path = folder / trained
         if not backbone_path.is_file():
@@ -351,7 +352,7 @@ def _assemble(spec: ModelSpec, feature_spec: FeatureSpec, vocab: Vocabulary, wei
     model = create_model(spec, feature_dims=feature_dims(feature_spec), vocab_size=len(vocab))
     load_model_weights(weights, model, spec, vocab)
     backbone = create_backbone(feature_spec.backbone, backbone_weights, feature_spec.seed)
-    backbone = backbone.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    backbone = backbone.eval().requires_grad_(False).to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack memory_format
     return RetrievalBundle(model=model.eval(), backbone=backbone, vocab=vocab, spec=spec, feature_spec=feature_spec,
                            max_length=max_length, precision=check_precision(precision, "model precision"), info=info)
 

@@ -16,10 +16,9 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any
 
 import torch

@@ -42,6 +42,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -388,7 +389,7 @@ class PriorSimilarity:
         closest = np.take_along_axis(np.broadcast_to(ref_len[None], key.shape), key.argmin(-1)[..., None], -1)[..., 0]
         c = lengths[:, None]
         penalty = np.where(c > closest, 1.0, np.exp(1.0 - closest / np.maximum(c, 1)))
-        return np.where((c > 0) & real.any(-1)[None], penalty, 0.0)
+        return np.where((c > 0) & cast(np.ndarray, real.any(-1))[None], penalty, 0.0)
 
     # --------------------------------------------------------------------------------------- METEOR
 

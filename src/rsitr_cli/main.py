@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 from rsitr.errors import ConfigError, RsitrError

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from rsitr_train.config import RunConfig, apply_override, config_from_dict
 from rsitr.errors import ConfigError
 from rsitr.io import list_yaml_names, read_named_yaml, write_json, write_text
 from rsitr.progress import get_logger
+from rsitr_train.config import RunConfig, apply_override, config_from_dict
 
 logger = get_logger(__name__)
 

@@ -64,8 +64,18 @@ from rsitr.io import check_keys, save_tensors, write_json
 from rsitr.precision import autocast, check_precision
 from rsitr.progress import get_logger, progress_bar
 from rsitr_train.augment import AugmentConfig, augment_batch, eval_transform
+from rsitr_train.loop import (
+    RESUME,
+    EpochResult,
+    LoopState,
+    load_resume,
+    resumed_state,
+    run_epochs,
+    save_resume,
+    shuffled_batches,
+    write_history,
+)
 from rsitr_train.plots import plot_pretrain_curves
-from rsitr_train.loop import RESUME, EpochResult, LoopState, load_resume, resumed_state, run_epochs, save_resume, shuffled_batches, write_history
 
 logger = get_logger(__name__)
 

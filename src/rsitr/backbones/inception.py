@@ -37,6 +37,8 @@ mean/std-normalised input.
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -57,6 +59,13 @@ MIN_INPUT_SIZE = 75
 BN_EPS = 1e-3
 
 _Size = int | tuple[int, int]
+
+
+class _KernelArgs(TypedDict):
+    """``kernel_size`` and ``padding`` of a factorised (1 × n or n × 1) :class:`BasicConv2d`."""
+
+    kernel_size: _Size
+    padding: _Size
 
 
 class BasicConv2d(nn.Module):
@@ -128,7 +137,8 @@ class InceptionC(nn.Module):
     def __init__(self, in_ch: int, channels_7x7: int) -> None:
         super().__init__()
         c7 = channels_7x7
-        row, col = {"kernel_size": (1, 7), "padding": (0, 3)}, {"kernel_size": (7, 1), "padding": (3, 0)}
+        row: _KernelArgs = {"kernel_size": (1, 7), "padding": (0, 3)}
+        col: _KernelArgs = {"kernel_size": (7, 1), "padding": (3, 0)}
         self.branch1x1 = BasicConv2d(in_ch, 192, kernel_size=1)
         self.branch7x7_1 = BasicConv2d(in_ch, c7, kernel_size=1)
         self.branch7x7_2 = BasicConv2d(c7, c7, **row)
@@ -177,7 +187,8 @@ class InceptionE(nn.Module):
 
     def __init__(self, in_ch: int) -> None:
         super().__init__()
-        row, col = {"kernel_size": (1, 3), "padding": (0, 1)}, {"kernel_size": (3, 1), "padding": (1, 0)}
+        row: _KernelArgs = {"kernel_size": (1, 3), "padding": (0, 1)}
+        col: _KernelArgs = {"kernel_size": (3, 1), "padding": (1, 0)}
         self.branch1x1 = BasicConv2d(in_ch, 320, kernel_size=1)
         self.branch3x3_1 = BasicConv2d(in_ch, 384, kernel_size=1)
         self.branch3x3_2a = BasicConv2d(384, 384, **row)
@@ -223,6 +234,8 @@ class Inception3(Backbone):
     """
 
     head_prefixes = ("fc.", "AuxLogits.")
+    _input_scale: Tensor
+    _input_shift: Tensor
 
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True, transform_input: bool = True) -> None:
         super().__init__()

@@ -63,6 +63,7 @@ an image's features do not depend on its batch.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -237,6 +238,8 @@ class DynamicGraphConv(nn.Module):
 class Grapher(nn.Module):
     """fc1 → dynamic graph convolution (width × 2) → fc2, with a residual connection."""
 
+    relative_pos: Tensor
+
     def __init__(self, channels: int, k: int, dilation: int, reduction: int, grid: int) -> None:
         super().__init__()
         self.reduction = reduction
@@ -256,7 +259,7 @@ class Grapher(nn.Module):
             return self.relative_pos[0]
         key = (h, w, str(self.relative_pos.device))
         if key not in self._other_priors:
-            table = sincos_relative_position(self.fc1[0].in_channels, (h, w), self.reduction)
+            table = sincos_relative_position(cast(nn.Conv2d, self.fc1[0]).in_channels, (h, w), self.reduction)
             self._other_priors[key] = table.to(self.relative_pos.device)
         return self._other_priors[key]
 
@@ -332,7 +335,7 @@ class PyramidViG(Backbone):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, (Grapher, FFN)):
-                nn.init.constant_(m.fc2[1].weight, RESIDUAL_INIT_SCALE)
+                nn.init.constant_(cast(nn.BatchNorm2d, m.fc2[1]).weight, RESIDUAL_INIT_SCALE)
 
     def embed(self, x: Tensor) -> Tensor:
         """Stem plus the position embedding (resized bicubically off the 56 × 56 design grid).
@@ -342,7 +345,7 @@ class PyramidViG(Backbone):
         back before every convolution.
         """
         x = self.stem(x)
-        pos = self.pos_embed
+        pos: Tensor = self.pos_embed
         if pos.shape[-2:] != x.shape[-2:]:
             pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
         return x + pos.to(x.dtype)

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from rsitr.errors import ImageReadError
 from rsitr.progress import progress_bar
 
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB; 16-bit and float images are rescaled by their range."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -73,7 +74,7 @@ def to_rgb(image: str | Path | Image.Image | np.ndarray) -> Image.Image:
 def resize_rgb(img: Image.Image, size: int) -> torch.Tensor:
     """An RGB image resized (bilinear) to a ``size`` square, as float32 (3, size, size) in [0, 1]."""
     if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
@@ -99,7 +100,7 @@ def _decode_one(path: Path, size: int) -> torch.Tensor:
     """One image as (3, size, size) uint8; PIL's bilinear resize antialiases when shrinking."""
     img = read_image(path)
     if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 

@@ -66,6 +66,7 @@ def _keyword_list(value: Any) -> list[str]:
 
 def _caption_text(sentence: Any, where: str, path: Path) -> str:
     """Raw text of one sentence entry (a dict with ``raw``/``tokens``, or a bare string)."""
+    raw: Any
     if isinstance(sentence, str):
         raw = sentence
     elif isinstance(sentence, dict):

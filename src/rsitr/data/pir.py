@@ -82,7 +82,7 @@ def _entry_captions(entry: Any, index: int, path: Path) -> tuple[str, list[str],
         raise DatasetError(path, f"{where} has no image")
     image = str(entry["image"])
     raw = entry.get("caption")
-    captions = raw if isinstance(raw, list) else [raw]
+    captions: list[Any] = raw if isinstance(raw, list) else [raw]
     for c, caption in enumerate(captions):
         if not isinstance(caption, str) or not caption.strip():
             raise DatasetError(path, f"{where} ({image}) has an empty caption" + (f" at {c}" if len(captions) > 1 else ""))
@@ -131,7 +131,9 @@ def read_pir(
     """
     if isinstance(folder_or_files, (str, Path)) and Path(folder_or_files).is_dir():
         files = find_pir_files(Path(folder_or_files), name)
-        file_name = _FILE_RE.match(next(iter(files.values())).name)["name"]
+        first = _FILE_RE.match(next(iter(files.values())).name)
+        assert first is not None  # find_pir_files keeps only names that match _FILE_RE
+        file_name = first["name"]
     else:
         paths = [Path(folder_or_files)] if isinstance(folder_or_files, (str, Path)) else [Path(p) for p in folder_or_files]
         if not paths:

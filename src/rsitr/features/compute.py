@@ -17,7 +17,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ _FP16_MAX = float(torch.finfo(torch.float16).max)
 
 #: What :func:`image_batch` accepts as one image: a file path, a PIL image, or an (H, W), (H, W, 3)
 #: or (H, W, 4) array (uint8, or float in [0, 1]).
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
+ImageInput = str | Path | Image.Image | np.ndarray
 
 
 
@@ -66,7 +65,7 @@ def load_backbone(spec: FeatureSpec) -> Backbone:
     needed for the bf16 speed-up; it changes the memory layout only, not the result.
     """
     model = create_backbone(spec.backbone, spec.weights, spec.seed).eval().requires_grad_(False)
-    return model.to(memory_format=torch.channels_last)
+    return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack memory_format
 
 
 def _chosen_boxes(entry: tuple[np.ndarray, np.ndarray] | None, original_size: tuple[int, int],

@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -96,7 +96,7 @@ class FeatureSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, object]) -> FeatureSpec:
+    def from_dict(cls, data: dict[str, Any]) -> FeatureSpec:
         """Inverse of :meth:`to_dict`; unknown keys are ignored."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -175,7 +175,7 @@ def parse_maps(maps: Sequence[str], backbone: str) -> list[tuple[str, int]]:
     return parsed
 
 
-def feature_dims(spec: FeatureSpec) -> dict[str, object]:
+def feature_dims(spec: FeatureSpec) -> dict[str, Any]:
     """Feature sizes for ``spec`` without building the backbone (models need them to build).
 
     Returns:

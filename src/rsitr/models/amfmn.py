@@ -83,7 +83,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -359,6 +358,7 @@ class AMFMN(RetrievalModel):
             have_keywords = keyword_tokens is not None and keyword_lengths is not None
             if have_keywords or self.sentence_gru is None:
                 words, counts = (keyword_tokens, keyword_lengths) if have_keywords else (tokens, lengths)
+                assert words is not None and counts is not None  # have_keywords: neither keyword input is None
                 states = self.keyword_gru.encode(self.word_embedding(words), counts).mean()
                 out["keywords"] = self.keyword_mlp(states)  # Eq. 13
         return out
@@ -416,8 +416,8 @@ class AMFMN(RetrievalModel):
         size = (len(image_ids), len(image_ids))
         if self.prior is None or caption_ids is None or not self.config.dynamic_margin:
             return torch.full(size, float(self.config.gamma))
-        prior = self.prior(caption_ids.detach().cpu().numpy(), image_ids.detach().cpu().numpy())  # (B captions, B images)
-        prior = torch.as_tensor(np.asarray(prior, dtype=np.float32)).T  # rows: images, columns: captions
+        scores = self.prior(caption_ids.detach().cpu().numpy(), image_ids.detach().cpu().numpy())  # (B captions, B images)
+        prior = torch.as_tensor(np.asarray(scores, dtype=np.float32)).T  # rows: images, columns: captions
         return dynamic_margin(prior.clamp(0.0, 1.0), self.config.gamma, self.config.beta)
 
     def training_loss(self, features: dict[str, torch.Tensor], tokens: torch.Tensor, lengths: torch.Tensor,

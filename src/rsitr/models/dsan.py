@@ -63,8 +63,9 @@ Choices where the paper is silent or ambiguous (config fields where it matters):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -84,6 +85,8 @@ VARIANTS = ("t2i", "i2t")
 SIM_NORMS = ("query", "regions")
 #: Floor of the l2 norm in Eq. 6 (all clipped cosines zero → all-zero row, i.e. uniform attention).
 _NORM_EPS = 1e-8
+#: A tile of SemanticAlignment: i2t and t2i take their optional offsets at different argument places.
+_Tile = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -165,6 +168,7 @@ class SemanticAlignment(nn.Module):
         """
         if self.update_gate is None:
             return None
+        assert self.memory_cell is not None  # built together with update_gate
         d = self.dim
         weight = torch.cat([self.update_gate.weight[:, :d], self.memory_cell.weight[:, :d]])
         bias = torch.cat([self.update_gate.bias, self.memory_cell.bias])
@@ -174,6 +178,7 @@ class SemanticAlignment(nn.Module):
         """What attention averages: ``[x, x W_ctx(gate), x W_ctx(cell)]`` (…, 3D), or just x without gate."""
         if self.update_gate is None:
             return x
+        assert self.memory_cell is not None  # built together with update_gate
         d = self.dim
         weight = torch.cat([self.update_gate.weight[:, d:], self.memory_cell.weight[:, d:]])
         return torch.cat([x, F.linear(x, weight)], dim=-1)
@@ -243,10 +248,12 @@ class SemanticAlignment(nn.Module):
         n_i, k, _ = regions.shape
         n_t, n, _ = words.shape
         rows, cols = self._tile_shape(n_i, n_t, k, n)
+        image_side: torch.Tensor | None
+        text_side: Callable[[torch.Tensor], torch.Tensor | None]
         if self.variant == "i2t":
-            image_side, text_side, tile = self.own_offsets(regions), self.context_values, self._tile_i2t
+            image_side, text_side, tile = self.own_offsets(regions), self.context_values, cast(_Tile, self._tile_i2t)
         else:
-            image_side, text_side, tile = self.context_values(regions), self.own_offsets, self._tile_t2i
+            image_side, text_side, tile = self.context_values(regions), self.own_offsets, cast(_Tile, self._tile_t2i)
         out = regions.new_empty(n_i, n_t, dtype=torch.float32)  # float32 scores under bf16 autocast too
         for t0 in range(0, n_t, cols):
             t = slice(t0, t0 + cols)

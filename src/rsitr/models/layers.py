@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -185,7 +186,9 @@ class FeatureStandardizer(nn.Module):
 
     def _float64_moments(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) from float64 sums over chunks of ``fit_chunk`` images, one (samples, C) block each."""
-        count, total, total_sq = 0, 0.0, 0.0
+        count = 0
+        total: torch.Tensor | float = 0.0
+        total_sq: torch.Tensor | float = 0.0
         for start in range(0, x.shape[0], self.fit_chunk):
             chunk = x[start : start + self.fit_chunk]
             if chunk.dim() == 4:  # every position of every map a sample
@@ -198,7 +201,7 @@ class FeatureStandardizer(nn.Module):
             count += rows.shape[0]
             total = total + rows.sum(dim=0)
             total_sq = total_sq + rows.square().sum(dim=0)
-        mean = total / count
+        mean = cast(torch.Tensor, total / count)  # the sums are tensors once a chunk was added
         var = (total_sq - count * mean.square()) / max(count - 1, 1)
         return mean.float(), var.clamp(min=0).sqrt().float()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -128,7 +129,8 @@ def create_model(spec: ModelSpec | str, feature_dims: dict[str, Any], vocab_size
         spec = get_model_spec(spec)
     spec = spec.with_overrides(overrides)
     config = build_config(spec.architecture, spec.params)
-    model_class = _ARCHITECTURES[spec.architecture][0]
+    # Subclasses take (config, feature_dims, vocab_size); the base class only declares config.
+    model_class: Callable[..., RetrievalModel] = _ARCHITECTURES[spec.architecture][0]
     return model_class(config, feature_dims=feature_dims, vocab_size=vocab_size)
 
 

@@ -24,7 +24,6 @@ from rsitr.data.synth.placement import SIZE_RANGES, SceneBuilder
 from rsitr.data.synth.scene import NUMBER_WORDS, PALETTES
 from rsitr.data.synth.water_layouts import scene_harbor, scene_river
 
-
 # -- airport ---------------------------------------------------------------------------------
 
 
