@@ -206,7 +206,8 @@ def test_a_run_evaluates_on_a_moved_dataset(tiny_synth, tmp_path) -> None:
 
 @pytest.mark.slow  # trains and resumes a run
 def test_run_directories_of_the_earlier_layout_still_load_and_resume(tiny_synth, tmp_path, monkeypatch) -> None:
-    """Runs written before the bundle existed: resume.pt kept ``best_mR``, model.json no backbone digest."""
+    """Runs written before the bundle existed: resume.pt kept ``best_mR``; model.json had no backbone
+    digest, caption length or precision."""
     from rsitr_train import trainer
 
     run = tmp_path / "run"
@@ -227,9 +228,12 @@ def test_run_directories_of_the_earlier_layout_still_load_and_resume(tiny_synth,
     state["best_mR"] = state.pop("best")
     torch.save(state, run / "resume.pt")
     description = json.loads((run / "model.json").read_text())
-    description.pop("backbone_sha256", None)
+    for key in ("max_length", "precision"):  # not recorded by the earlier layout
+        description.pop(key)
+    description.pop("backbone_sha256", None)  # nor this (a random backbone has none anyway)
     (run / "model.json").write_text(json.dumps(description))
-    assert load_model(run).spec.name == "dove-s"
+    old = load_model(run)  # caption length and precision now come from config.yaml
+    assert (old.spec.name, old.max_length, old.precision) == ("dove-s", config.text.max_length, config.train.precision)
     summary = train(config, run, progress=False)
     history = (run / "metrics.csv").read_text().strip().splitlines()
     assert len(history) == 3 and summary["best_epoch"] in (1, 2)

@@ -88,3 +88,13 @@ def test_salient_command_needs_an_amfmn_run(tiny_synth, tmp_path, capsys) -> Non
     capsys.readouterr()
     assert main(["--quiet", "salient", str(run), "--out", str(tmp_path / "m.png")]) == 2
     assert "no salient mask" in capsys.readouterr().err
+
+
+def test_quiet_is_accepted_before_and_after_the_command(capsys) -> None:
+    for argv in (["--quiet", "models"], ["models", "--quiet"], ["data", "--quiet", "info", "--help"]):
+        try:
+            code = main(argv)
+        except SystemExit as stop:  # --help exits after printing
+            code = stop.code
+        assert code == 0, argv
+    assert "dove-s" in capsys.readouterr().out

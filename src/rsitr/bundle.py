@@ -45,11 +45,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from rsitr.backbones import Backbone, backbone_info, create_backbone
+from rsitr.backbones import Backbone, backbone_info
 from rsitr.errors import CheckpointError
 from rsitr.evaluation import encode_image_chunks, encode_text_chunks, score_encodings
-from rsitr.features import FeatureSpec, ImageInput, feature_dims, features_of_images, file_sha256, image_batch
-from rsitr.io import read_yaml_mapping, save_tensors, write_json
+from rsitr.features import (
+    FeatureSpec,
+    ImageInput,
+    feature_dims,
+    features_of_images,
+    file_sha256,
+    image_batch,
+    load_backbone,
+)
+from rsitr.io import read_json, read_yaml_mapping, save_tensors, write_json
 from rsitr.models import RetrievalModel, create_model
 from rsitr.models.base import Encoding
 from rsitr.models.registry import ModelSpec
@@ -65,7 +73,6 @@ VOCAB_FILE = "vocab.json"
 #: Files of a run directory that :func:`load_model` reads (written by ``rsitr train``).
 RUN_MODEL_JSON = "model.json"
 RUN_CONFIG = "config.yaml"
-DEFAULT_MAX_LENGTH = 48
 
 
 def vocab_digest(vocab: Vocabulary) -> str:
@@ -94,7 +101,7 @@ class RetrievalBundle:
     vocab: Vocabulary
     spec: ModelSpec
     feature_spec: FeatureSpec
-    max_length: int = DEFAULT_MAX_LENGTH
+    max_length: int = 48
     precision: str = "fp32"
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -108,6 +115,8 @@ class RetrievalBundle:
         ``boxes[k]`` are image k's region boxes (x1, y1, x2, y2 in its own pixels) or None for the
         built-in ones; ``scores[k]`` rank them when there are more than the model uses.
         """
+        if not images:
+            raise ValueError("encode_images needs at least one image")
         parts = []
         starts = range(0, len(images), max(1, batch_size))
         for start in progress_bar(starts, desc="image features", unit="batch", enabled=progress):
@@ -116,8 +125,6 @@ class RetrievalBundle:
                                 None if boxes is None else boxes[start:stop],
                                 None if scores is None else scores[start:stop])
             parts.append(features_of_images(self.backbone, batch, self.feature_spec))
-        if not parts:
-            raise ValueError("encode_images needs at least one image")
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
     def encode_images(self, images: Sequence[ImageInput], boxes: Sequence[np.ndarray | None] | None = None,
@@ -151,11 +158,6 @@ class RetrievalBundle:
               progress: bool = False) -> torch.Tensor:
         """(n_images, n_texts) float32 scores: the model's full score (pair by pair for pairwise models)."""
         return score_encodings(self.model, image_encodings, text_encodings, self._precision(precision), progress)
-
-    @property
-    def pairwise(self) -> bool:
-        """Whether the full score of a pair needs both sides (then ``score`` costs n_images × n_texts)."""
-        return self.model.pairwise
 
     @property
     def has_first_stage(self) -> bool:
@@ -260,12 +262,7 @@ def export_model(source: str | Path, out_dir: str | Path) -> Path:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(path, f"{what} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, f"{what} is not valid JSON ({exc.__class__.__name__})") from exc
+    data = read_json(path, CheckpointError)
     if not isinstance(data, dict):
         raise CheckpointError(path, f"{what} must be a JSON object")
     return data
@@ -301,21 +298,23 @@ def _load_bundle(folder: Path, verify: bool) -> RetrievalBundle:
     except (KeyError, TypeError) as exc:
         raise CheckpointError(folder / MANIFEST, f"bundle manifest lacks {exc}") from exc
     features["weights"] = folder / BACKBONE_FILE
-    feature_spec = FeatureSpec.from_dict(features)
     vocab = Vocabulary.load(folder / VOCAB_FILE)
-    return _assemble(spec, feature_spec, vocab, folder / MODEL_FILE, folder / BACKBONE_FILE,
-                     int(text.get("max_length", DEFAULT_MAX_LENGTH)), precision.get("model", "fp32"),
-                     dict(manifest.get("source") or {}))
+    return _assemble(spec, FeatureSpec.from_dict(features), vocab, folder / MODEL_FILE, int(text["max_length"]),
+                     precision["model"], dict(manifest.get("source") or {}))
 
 
-def _run_settings(folder: Path) -> tuple[int, str, bool]:
-    """Caption length, model precision and end-to-end flag of a run, from its ``config.yaml``."""
-    if not (folder / RUN_CONFIG).is_file():
-        return DEFAULT_MAX_LENGTH, "fp32", False
+def _run_settings(folder: Path, description: dict[str, Any]) -> tuple[int, str]:
+    """Caption length and model precision of a run.
+
+    ``model.json`` records them; runs written before it did have them in their resolved ``config.yaml``.
+    """
+    if "max_length" in description and "precision" in description:
+        return int(description["max_length"]), str(description["precision"])
     data = read_yaml_mapping(folder / RUN_CONFIG, "a run config must be a mapping of sections")
-    text, train = dict(data.get("text") or {}), dict(data.get("train") or {})
-    return (int(text.get("max_length") or DEFAULT_MAX_LENGTH), str(train.get("precision") or "fp32"),
-            bool(train.get("train_backbone")))
+    try:
+        return int(data["text"]["max_length"]), str(data["train"]["precision"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(folder / RUN_CONFIG, f"run config lacks {exc}") from exc
 
 
 def _load_run(folder: Path) -> RetrievalBundle:
@@ -326,34 +325,29 @@ def _load_run(folder: Path) -> RetrievalBundle:
         feature_spec = FeatureSpec.from_dict(description["features"])
     except (KeyError, TypeError) as exc:
         raise CheckpointError(folder / RUN_MODEL_JSON, f"run model description lacks {exc}") from exc
-    max_length, precision, end_to_end = _run_settings(folder)
-    trained = description.get("trained_backbone") or (BACKBONE_FILE if end_to_end else None)
-    backbone_path: Path | None
-    if trained:
-        backbone_path = folder / trained
-        if not backbone_path.is_file():
-            raise CheckpointError(backbone_path, "end-to-end run without its trained backbone")
-    else:
-        backbone_path = feature_spec.weights
-        expected = description.get("backbone_sha256")
-        if backbone_path is not None:
-            if not Path(backbone_path).is_file():
-                raise CheckpointError(backbone_path, "backbone weights of the run not found (the run records this path)")
-            if expected and file_sha256(backbone_path) != expected:
-                raise CheckpointError(backbone_path, "backbone weights changed since the run was trained (SHA-256 differs)")
+    max_length, precision = _run_settings(folder, description)
+    trained = description.get("trained_backbone")
+    weights = folder / trained if trained else feature_spec.weights  # end to end: the run's own backbone
+    if weights is not None and not weights.is_file():
+        problem = "end-to-end run without its trained backbone" if trained else "backbone weights of the run not found"
+        raise CheckpointError(weights, problem)
+    expected = description.get("backbone_sha256")
+    if not trained and weights is not None and expected and file_sha256(weights) != expected:
+        raise CheckpointError(weights, "backbone weights changed since the run was trained (SHA-256 differs)")
+    feature_spec = replace(feature_spec, weights=weights)
     vocab = Vocabulary.load(folder / VOCAB_FILE)
     info = {"run": str(folder.resolve()), "epoch": description.get("epoch"),
             "val_metrics": description.get("val_metrics"), "vocab_sha": description.get("vocab_sha")}
-    return _assemble(spec, feature_spec, vocab, folder / MODEL_FILE, backbone_path, max_length, precision, info)
+    return _assemble(spec, feature_spec, vocab, folder / MODEL_FILE, max_length, precision, info)
 
 
-def _assemble(spec: ModelSpec, feature_spec: FeatureSpec, vocab: Vocabulary, weights: Path,
-              backbone_weights: Path | None, max_length: int, precision: str, info: dict[str, Any]) -> RetrievalBundle:
+def _assemble(spec: ModelSpec, feature_spec: FeatureSpec, vocab: Vocabulary, weights: Path, max_length: int,
+              precision: str, info: dict[str, Any]) -> RetrievalBundle:
+    """The model with ``weights`` and the backbone of ``feature_spec`` (its ``weights``, or its seeded init)."""
     model = create_model(spec, feature_dims=feature_dims(feature_spec), vocab_size=len(vocab))
     load_model_weights(weights, model, spec, vocab)
-    backbone = create_backbone(feature_spec.backbone, backbone_weights, feature_spec.seed)
-    backbone = backbone.eval().requires_grad_(False).to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack memory_format
-    return RetrievalBundle(model=model.eval(), backbone=backbone, vocab=vocab, spec=spec, feature_spec=feature_spec,
+    return RetrievalBundle(model=model.eval(), backbone=load_backbone(feature_spec), vocab=vocab, spec=spec,
+                           feature_spec=feature_spec,
                            max_length=max_length, precision=check_precision(precision, "model precision"), info=info)
 
 

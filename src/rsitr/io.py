@@ -25,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from rsitr.errors import ConfigError
+from rsitr.errors import ConfigError, DatasetError
 
 
 @contextlib.contextmanager
@@ -72,6 +72,19 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file into CPU tensors."""
     return load_file(str(path), device="cpu")
+
+
+def read_json(path: str | Path, error: Callable[[Path, str], Exception] = DatasetError) -> Any:
+    """Parse a JSON file, turning every failure into a one-line ``error(path, problem)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(path, "file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise error(path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(path, f"cannot read file ({exc.__class__.__name__})") from exc
 
 
 def check_keys(values: Mapping[str, Any], valid: Iterable[str], where: str, what: str = "key", prefix: str = "") -> None:

@@ -238,29 +238,33 @@ def cmd_salient(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsitr", description="Remote-sensing image-text retrieval")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    # --quiet is accepted after the sub-command too (rsitr demo --quiet); SUPPRESS keeps the
+    # value given before it when it is not repeated.
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="synthetic data → features → train DOVE-S → evaluate, in minutes")
+    demo = sub.add_parser("demo", parents=[quiet], help="synthetic data → features → train DOVE-S → evaluate, in minutes")
     demo.add_argument("--out", default="rsitr-demo", help="output folder (data, cache, run)")
     demo.add_argument("--num-images", type=int, default=1000)
     demo.add_argument("--epochs", type=int, help="override the demo's epoch count")
     demo.set_defaults(func=cmd_demo)
 
-    data = sub.add_parser("data", help="dataset tools")
+    data = sub.add_parser("data", parents=[quiet], help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    synth = data_sub.add_parser("synth", help="write the synthetic dataset (Karpathy layout + detections)")
+    synth = data_sub.add_parser("synth", parents=[quiet], help="write the synthetic dataset (Karpathy layout + detections)")
     synth.add_argument("--out", required=True)
     synth.add_argument("--num-images", type=int, default=600)
     synth.add_argument("--image-size", type=int, default=128)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_synth)
-    info = data_sub.add_parser("info", help="read a dataset and print its splits")
+    info = data_sub.add_parser("info", parents=[quiet], help="read a dataset and print its splits")
     info.add_argument("path")
     info.add_argument("--layout", default="auto")
     info.add_argument("--images")
     info.set_defaults(func=cmd_info)
 
-    feats = sub.add_parser("features", help="extract and cache backbone features of a dataset")
+    feats = sub.add_parser("features", parents=[quiet], help="extract and cache backbone features of a dataset")
     feats.add_argument("path")
     feats.add_argument("--layout", default="auto")
     feats.add_argument("--images")
@@ -273,12 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     feats.add_argument("--cache-dir")
     feats.set_defaults(func=cmd_features)
 
-    tr = sub.add_parser("train", help="train a model; the best epoch is chosen on the validation split")
+    tr = sub.add_parser("train", parents=[quiet], help="train a model; the best epoch is chosen on the validation split")
     _add_train_arguments(tr)
     tr.add_argument("--out", required=True, help="run directory (an existing one is resumed)")
     tr.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("evaluate", help="evaluate a run directory")
+    ev = sub.add_parser("evaluate", parents=[quiet], help="evaluate a run directory")
     ev.add_argument("run_dir")
     ev.add_argument("--split", default="test", help="val or test (default test)")
     ev.add_argument("--batch-size", type=int, default=256, help="encoding chunk; results do not depend on it")
@@ -287,12 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", help="the dataset to evaluate on, when not where the run's config says")
     ev.set_defaults(func=cmd_evaluate)
 
-    export = sub.add_parser("export", help="write a run's model as a self-contained bundle (rsitr.load_model reads it)")
+    export = sub.add_parser("export", parents=[quiet], help="write a run's model as a self-contained bundle (rsitr.load_model reads it)")
     export.add_argument("run_dir", help="run directory of rsitr train (or a bundle to copy)")
     export.add_argument("--out", required=True, help="bundle folder to write")
     export.set_defaults(func=cmd_export)
 
-    bench = sub.add_parser("benchmark", help="train and evaluate several models on one dataset; one table, mean ± std over seeds")
+    bench = sub.add_parser("benchmark", parents=[quiet], help="train and evaluate several models on one dataset; one table, mean ± std over seeds")
     _add_train_arguments(bench)
     bench.add_argument("--models", required=True, help="comma-separated model names or YAML paths, e.g. dove,dove-s,vsepp")
     bench.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per model (default 3)")
@@ -300,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="folder for runs and the report (re-running resumes)")
     bench.set_defaults(func=cmd_benchmark)
 
-    ablate = sub.add_parser("ablate", help="run an ablation study (DOVE Tables II-V, Fig. 6; ACF Tables 1-3)")
+    ablate = sub.add_parser("ablate", parents=[quiet], help="run an ablation study (DOVE Tables II-V, Fig. 6; ACF Tables 1-3)")
     _add_train_arguments(ablate)
     ablate.add_argument("study", nargs="?", help="study name (see --list) or a study YAML")
     ablate.add_argument("--list", action="store_true", help="list the shipped studies")
@@ -309,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--out", default="ablations", help="folder for runs and the report")
     ablate.set_defaults(func=cmd_ablate)
 
-    pre = sub.add_parser("pretrain", help="scene-classification pretraining of a backbone (ImageFolder tree or a dataset's scene labels)")
+    pre = sub.add_parser("pretrain", parents=[quiet], help="scene-classification pretraining of a backbone (ImageFolder tree or a dataset's scene labels)")
     pre.add_argument("path", help="ImageFolder root (one folder per class, optional train/ val/) or a retrieval dataset with scene labels")
     pre.add_argument("--out", required=True, help="output folder (backbone.safetensors, metrics; re-running resumes)")
     pre.add_argument("--config", help="YAML file of pretraining fields, or a shipped recipe (e.g. pretrain_ucm_r18); flags override it")
@@ -329,32 +333,20 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--val-split", default="val", help="for a retrieval dataset: the split that validates")
     pre.set_defaults(func=cmd_pretrain)
 
-    salient = sub.add_parser("salient", help="AMFMN salient masks (Fig. 10) of a trained run over images of a split")
+    salient = sub.add_parser("salient", parents=[quiet], help="AMFMN salient masks (Fig. 10) of a trained run over images of a split")
     salient.add_argument("run_dir")
     salient.add_argument("--split", default="val")
     salient.add_argument("--count", type=int, default=6, help="number of images (the split's first ones)")
     salient.add_argument("--out", default="salient_masks.png")
     salient.set_defaults(func=cmd_salient)
 
-    models = sub.add_parser("models", help="list registered models")
+    models = sub.add_parser("models", parents=[quiet], help="list registered models")
     models.set_defaults(func=cmd_models)
     return parser
 
 
-def _quiet_anywhere(parser: argparse.ArgumentParser) -> None:
-    """Accept ``--quiet`` after the sub-command too (``rsitr demo --quiet``), not only before it."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                if not any("--quiet" in a.option_strings for a in sub._actions):
-                    sub.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
-                _quiet_anywhere(sub)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    _quiet_anywhere(parser)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     log_to_console()
     try:
         return int(args.func(args) or 0)

@@ -27,13 +27,11 @@ from typing import Any
 
 from rsitr.backbones import Backbone
 from rsitr.bundle import BACKBONE_FILE, MODEL_FILE, RUN_MODEL_JSON, load_model, vocab_digest
-from rsitr.data import load_dataset
 from rsitr.errors import CheckpointError
 from rsitr.evaluation import chance_metrics, format_table
 from rsitr.features import feature_dims, file_sha256
 from rsitr.io import save_tensors, write_json
 from rsitr.models import RetrievalModel
-from rsitr.text import Vocabulary
 from rsitr_train.config import load_config
 from rsitr_train.trainer import Prepared, evaluate_split, prepare
 
@@ -59,6 +57,8 @@ def save_checkpoint(path: Path, model: RetrievalModel, prepared: Prepared, epoch
         "vocab_sha": vocab_digest(prepared.vocab),
         "epoch": epoch,
         "val_metrics": metrics,
+        "max_length": prepared.config.text.max_length,
+        "precision": prepared.config.train.precision,
     }
     if prepared.feature_spec.weights is not None:
         description["backbone_sha256"] = file_sha256(prepared.feature_spec.weights)
@@ -74,22 +74,24 @@ def save_backbone(path: Path, backbone: Backbone, epoch: int) -> None:
     save_tensors(path, backbone.state_dict(), metadata=metadata)
 
 
-def load_run(run_dir: str | Path, progress: bool = True) -> tuple[RetrievalModel, Prepared]:
+def load_run(run_dir: str | Path, progress: bool = True, dataset: str | Path | None = None) -> tuple[RetrievalModel, Prepared]:
     """The model of a run directory with its best weights, and its dataset, ready to evaluate.
 
-    The model comes from :func:`rsitr.load_model` (no dataset needed); the dataset, and for a
-    frozen backbone its feature cache, come from the run's config. For an end-to-end run the
-    trained backbone is attached (``prepared.backbone``) and :func:`evaluate_split` computes the
-    split's features with it.
+    The model comes from :func:`rsitr.load_model` (no dataset needed); the dataset — the run
+    config's ``data.path``, or ``dataset`` when the data has moved — and for a frozen backbone its
+    feature cache, come from the run's config. For an end-to-end run the trained backbone is
+    attached (``prepared.backbone``) and :func:`evaluate_split` computes the split's features with it.
     """
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise CheckpointError(run_dir, "not a run directory (no config.yaml)")
     config = load_config(config_path)
+    if dataset is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(dataset)))
     bundle = load_model(run_dir)
     end_to_end = config.train.train_backbone
-    prepared = prepare(config, vocab=Vocabulary.load(run_dir / "vocab.json"), progress=progress, extract=not end_to_end)
+    prepared = prepare(config, vocab=bundle.vocab, progress=progress, extract=not end_to_end)
     if end_to_end:
         prepared.backbone = bundle.backbone
     return bundle.model, prepared
@@ -102,9 +104,7 @@ def evaluate_run(run_dir: str | Path, split: str, batch_size: int, json_path: st
     ``precision`` (``"fp32"`` or ``"bf16"``) overrides the run's ``train.precision``; ``dataset``
     evaluates on another copy of the data than the one the run's config names.
     """
-    if dataset is not None:
-        load_dataset(dataset)  # fail early, with the reader's message, on a bad path
-    model, prepared = load_run(run_dir, progress=progress) if dataset is None else _load_run_on(run_dir, dataset, progress)
+    model, prepared = load_run(run_dir, progress=progress, dataset=dataset)
     precision = precision or prepared.config.train.precision
     started = time.perf_counter()
     metrics, sims, data = evaluate_split(model, prepared, split, batch_size, progress=progress, precision=precision)
@@ -124,15 +124,3 @@ def result_table(result: dict[str, Any]) -> str:
     pairs = result["n_images"] * result["n_captions"]
     return (format_table(result["metrics"], result["chance"], title=title)
             + f"\nscored {pairs:,} pairs in {result['seconds']:.2f} s")
-
-
-def _load_run_on(run_dir: str | Path, dataset: str, progress: bool) -> tuple[RetrievalModel, Prepared]:
-    """:func:`load_run` with ``data.path`` replaced by ``dataset``."""
-    config = load_config(Path(run_dir) / "config.yaml")
-    moved = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(dataset)))
-    bundle = load_model(run_dir)
-    prepared = prepare(moved, vocab=bundle.vocab, progress=progress, extract=not config.train.train_backbone)
-    if config.train.train_backbone:
-        prepared.backbone = bundle.backbone
-    return bundle.model, prepared
-

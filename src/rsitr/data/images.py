@@ -71,12 +71,17 @@ def to_rgb(image: str | Path | Image.Image | np.ndarray) -> Image.Image:
     return _to_rgb(Image.fromarray(array))
 
 
-def resize_rgb(img: Image.Image, size: int) -> torch.Tensor:
-    """An RGB image resized (bilinear) to a ``size`` square, as float32 (3, size, size) in [0, 1]."""
+def resize_uint8(img: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image resized to a ``size`` square as uint8 (3, size, size); PIL's bilinear resize
+    antialiases when shrinking."""
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def resize_rgb(img: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image resized (bilinear) to a ``size`` square, as float32 (3, size, size) in [0, 1]."""
+    return resize_uint8(img, size).float().div_(255.0)
 
 
 def load_image(path: str | Path, size: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -96,14 +101,6 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     return (images - mean_t) / std_t
 
 
-def _decode_one(path: Path, size: int) -> torch.Tensor:
-    """One image as (3, size, size) uint8; PIL's bilinear resize antialiases when shrinking."""
-    img = read_image(path)
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
 def decode_images(paths: Sequence[Path], size: int, threads: int = 0, progress: bool = True,
                   desc: str = "decoding") -> torch.Tensor:
     """Decode and resize every image into one (N, 3, size, size) uint8 tensor, in parallel.
@@ -116,7 +113,7 @@ def decode_images(paths: Sequence[Path], size: int, threads: int = 0, progress: 
         return out
 
     def work(index: int) -> None:
-        out[index] = _decode_one(Path(paths[index]), size)
+        out[index] = resize_uint8(read_image(paths[index]), size)
 
     workers = threads or os.cpu_count() or 1
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rsitr-decode")

@@ -13,7 +13,6 @@ image and some to each sentence; both are stored per caption.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -23,7 +22,7 @@ import numpy as np
 from rsitr.data.dataset import RetrievalDataset
 from rsitr.data.scenes import find_class_lists, infer_scene_labels
 from rsitr.errors import DatasetError
-from rsitr.io import write_json
+from rsitr.io import read_json, write_json
 
 #: Karpathy split names mapped to ours.
 _SPLIT_MAP = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -41,18 +40,6 @@ def default_image_dir(json_path: Path) -> Path:
         if candidate.is_dir():
             return candidate
     return json_path.parent
-
-
-def load_json(path: Path) -> Any:
-    """Parse a json file, turning every failure into a one-line :class:`DatasetError`."""
-    if not path.is_file():
-        raise DatasetError(path, "file not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as exc:
-        raise DatasetError(path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(path, f"cannot read file ({exc.__class__.__name__})") from exc
 
 
 def _keyword_list(value: Any) -> list[str]:
@@ -118,7 +105,7 @@ def read_karpathy(
             no filename, an unknown split or an empty caption.
     """
     json_path = Path(json_path)
-    data = load_json(json_path)
+    data = read_json(json_path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(json_path, 'not a Karpathy-style dataset json (no "images" list)')
     name = name or _dataset_name(data, json_path)

@@ -18,10 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from rsitr.data.dataset import RetrievalDataset
-from rsitr.data.karpathy import load_json, read_karpathy
+from rsitr.data.karpathy import read_karpathy
 from rsitr.data.pir import read_pir
 from rsitr.data.precomp import read_precomp
 from rsitr.errors import ConfigError, DatasetError, ImageReadError, UnknownLayoutError
+from rsitr.io import read_json
 
 #: Layout names accepted by :func:`load_dataset`.
 LAYOUTS = ("auto", "karpathy", "precomp", "pir")
@@ -64,7 +65,7 @@ def _has_pir(folder: Path) -> bool:
 def _detect_file(path: Path) -> str:
     """Layout of a single file."""
     if path.suffix.lower() == ".json":
-        data = load_json(path)
+        data = read_json(path)
         if isinstance(data, dict) and "images" in data:
             return "karpathy"
         if isinstance(data, list) and path.stem.rsplit("_", 1)[-1] in ("train", "val", "test"):

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from rsitr.data.dataset import SPLITS, RetrievalDataset
-from rsitr.data.karpathy import load_json
 from rsitr.data.scenes import find_class_lists, infer_scene_labels
 from rsitr.errors import DatasetError
+from rsitr.io import read_json
 
 _FILE_RE = re.compile(r"^(?P<name>.+)_(?P<split>train|val|test)\.json$")
 
@@ -152,7 +152,7 @@ def read_pir(
         if split not in files:
             continue
         path = files[split]
-        entries = load_json(path)
+        entries = read_json(path)
         if not isinstance(entries, list):
             raise DatasetError(path, "expected a json list of entries")
         grouped: dict[str, list[str]] = {}

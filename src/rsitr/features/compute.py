@@ -68,8 +68,9 @@ def load_backbone(spec: FeatureSpec) -> Backbone:
     return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack memory_format
 
 
-def _chosen_boxes(entry: tuple[np.ndarray, np.ndarray] | None, original_size: tuple[int, int],
-                  spec: FeatureSpec) -> tuple[Tensor, Tensor]:
+def choose_boxes(entry: tuple[np.ndarray, np.ndarray] | None, original_size: tuple[int, int],
+                 spec: FeatureSpec) -> tuple[Tensor, Tensor]:
+    """The ``spec.num_regions`` boxes and mask of one image from its (boxes, scores) entry, or the default boxes."""
     return select_boxes(entry[0] if entry else None, entry[1] if entry else None, original_size,
                         spec.image_size, spec.num_regions)
 
@@ -86,7 +87,7 @@ def dataset_batch(dataset: RetrievalDataset, ids: Sequence[int], spec: FeatureSp
     for i in ids:
         image, original_size = load_image(dataset.image_path(i), spec.image_size)
         entry = lookup(detections, dataset.image_files[i]) if detections is not None else None
-        b, m = _chosen_boxes(entry, original_size, spec)
+        b, m = choose_boxes(entry, original_size, spec)
         images.append(image)
         boxes.append(b)
         masks.append(m)
@@ -116,7 +117,7 @@ def image_batch(images: Sequence[ImageInput], spec: FeatureSpec,
             given = np.asarray(boxes[k], dtype=np.float64).reshape(-1, 4)
             given_scores = scores[k] if scores is not None and scores[k] is not None else np.ones(len(given))
             entry = (given, np.asarray(given_scores, dtype=np.float64))
-        b, m = _chosen_boxes(entry, original_size, spec)
+        b, m = choose_boxes(entry, original_size, spec)
         chosen.append(b)
         masks.append(m)
     return _batch(tensors, chosen, masks, spec)
