@@ -10,7 +10,7 @@ absolute difference of the similarity matrix from the all-fp32 one. Both caches 
 run's cache folder (the precision is part of the cache key), so a second call is fast. For an
 end-to-end run the backbone's precision follows the model's, so only two rows are printed.
 
-    python benchmarks/precision_accuracy.py RUN_DIR [--split val] [--batch-size 256]
+    python benchmarks/precision_accuracy.py RUN_DIR [--split val]
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--split", default="val")
-    parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
     model, prepared = load_run(args.run_dir, progress=False)
     end_to_end = prepared.backbone is not None
@@ -50,7 +49,7 @@ def main() -> None:
         variant = prepared if end_to_end else with_feature_precision(prepared, feature_precision)
         for model_precision in PRECISIONS:
             started = time.perf_counter()
-            metrics, sims, data = evaluate_split(model, variant, args.split, args.batch_size, progress=False,
+            metrics, sims, data = evaluate_split(model, variant, args.split, progress=False,
                                                  precision=model_precision)
             seconds = time.perf_counter() - started
             reference = sims if reference is None else reference

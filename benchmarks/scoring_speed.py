@@ -59,7 +59,7 @@ def main() -> None:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
         with ctx:
             started = time.perf_counter()
-            compute_similarity(model, features, tokens, lengths, batch_size=256, progress=False)
+            compute_similarity(model, features, tokens, lengths, progress=False)
             seconds = time.perf_counter() - started
         rate = matmul_rate(dtype)
         achieved = pair_flops / seconds / 1e9

@@ -4,12 +4,15 @@
     optionally fine-tune it at a larger size                     (rsitr pretrain --init-weights)
     extract and cache its features for every image             (rsitr features)
     train DOVE on the cached features, one run per seed,        (rsitr train)
-      best epoch on val
+      best epoch on the selection split carved out of train
     evaluate each run on val (fp32 and bf16), and on test when the folder has a test split
 
 No external weights are used: the backbone learns the 21 UC Merced scene classes from the
 training images only (the class of an image comes from its number), so nothing of val or test is
-seen before evaluation. A script, not a test: it takes tens of minutes on a 2-core CPU.
+seen before evaluation. UCM-Captions has train and val only, so both the pretraining's best epoch
+and DOVE's are chosen on the same held-out 10 % of each class of train (the ``dove_ucm`` recipe's
+``selection_fraction``; :mod:`rsitr.data.splits`), and val is only ever reported. A script, not a
+test: it takes tens of minutes on a 2-core CPU.
 
     python benchmarks/ucm.py [--dataset ../shared/data/ucm_captions] [--out runs/ucm-pipeline]
                              [--backbone resnet18] [--pretrain-epochs 150] [--pretrain-size 128]
@@ -38,6 +41,7 @@ from rsitr.errors import ConfigError
 from rsitr.evaluation import chance_metrics, class_oracle_metrics, format_table
 from rsitr.io import write_json
 from rsitr_train.config import load_config
+from rsitr_train.experiments import SELECTION_FRACTION
 from rsitr_train.pretrain import PretrainConfig, pretrain
 from rsitr_train.runs import load_run
 from rsitr_train.trainer import evaluate_split, feature_spec, prepare, train
@@ -86,7 +90,8 @@ def parse_args() -> argparse.Namespace:
 
 def pretrain_stages(args: argparse.Namespace, out: Path, timings: dict[str, float]) -> tuple[Path, dict]:
     """Pretrain (and optionally fine-tune) the backbone; the weights file and a summary per stage."""
-    data = load_classification_data(args.dataset, seed=args.seed)
+    # held out: the retrieval runs' selection split (same share of each class, split seed 0)
+    data = load_classification_data(args.dataset, val_split=None, val_fraction=SELECTION_FRACTION, seed=0)
     print(data.summary())
     config = PretrainConfig(backbone=args.backbone, image_size=args.pretrain_size, epochs=args.pretrain_epochs,
                             lr=args.pretrain_lr, weight_decay=args.weight_decay, cutmix=args.cutmix,
@@ -127,7 +132,8 @@ def main() -> None:
     report: dict = {"args": vars(args), "timings_s": timings, **summaries, "runs": {}}
     for k in range(args.seeds):
         seed = args.seed + k
-        run_config = load_config(Path(__file__).resolve().parents[1] / "configs" / "dove_ucm.yaml", [
+        run_config = load_config("dove_ucm", [
+            f"data.selection_fraction={SELECTION_FRACTION}", "data.split_seed=0",
             f"data.path={json.dumps(str(args.dataset))}", f"model.name={model}",
             f"features.backbone_weights={json.dumps(str(weights))}", f"features.precision={args.precision}",
             f"features.cache_dir={json.dumps(str(out / 'cache'))}", f"features.image_size={image_size}",
@@ -148,7 +154,7 @@ def main() -> None:
                 continue
             for precision in ("fp32", "bf16"):
                 with stage(f"evaluate {split} {precision} seed {seed}", timings):
-                    metrics, _, split_data = evaluate_split(trained, prepared, split, 256, progress=False,
+                    metrics, _, split_data = evaluate_split(trained, prepared, split, progress=False,
                                                             precision=precision)
                 entry[f"{split}_{precision}"] = metrics
             chance = chance_metrics(len(split_data.image_ids), split_data.caption_local_image)

@@ -9,10 +9,11 @@ import torch
 from torch.nn import functional as F
 
 from helpers import loss_curve, random_tokens
+from rsitr import evaluation
 from rsitr.errors import ConfigError
 from rsitr.features import FeatureSpec, feature_dims
 from rsitr.models import create_model, get_model_spec
-from rsitr.models.acf import AcfConfig, as_nodes, correct_attention, filter_attention
+from rsitr.models.acf import AcfConfig, AttentionScorer, as_nodes, correct_attention, filter_attention
 from rsitr.models.base import take_rows
 from rsitr.models.layers import FeatureStandardizer
 from rsitr.models.registry import ModelSpec
@@ -145,10 +146,9 @@ def _reference_score(model, regions, global_image, words, global_text) -> float:
     positive = cos.clamp(min=0)
 
     def refine(alpha):  # rows are the attending fragments
-        weights = factor * alpha if c.correction else alpha  # Eq. 8 (row mass sim_g − p)
-        magnitude = weights.abs()
-        keep = magnitude.max(dim=1, keepdim=True).values - magnitude < c.q  # Eq. 10
-        kept = magnitude * magnitude * keep  # Eq. 11 as printed: α' · H(α')
+        corrected = factor * alpha / (factor * alpha).sum(dim=1, keepdim=True)  # Eq. 8–9: α' = α, unit mass
+        keep = corrected.max(dim=1, keepdim=True).values - corrected < c.q  # Eq. 10 on α'
+        kept = corrected * corrected * keep  # Eq. 11 as printed: α' · H(α')
         return kept / kept.sum(dim=1, keepdim=True)
 
     alpha_t = torch.softmax(c.lambda_softmax * positive / positive.norm(dim=0, keepdim=True).clamp(min=1e-8), dim=1)
@@ -192,16 +192,16 @@ def test_correction_scales_the_local_score_by_global_similarity():
 
 def test_correction_by_hand_around_threshold_p():
     alpha = torch.tensor([[0.5, 0.3, 0.2]])
-    above = correct_attention(alpha, torch.tensor(0.5), p=0.3)
-    assert torch.allclose(above, torch.tensor([[0.1, 0.06, 0.04]]))  # (0.5 − 0.3) α
-    assert torch.allclose(correct_attention(alpha, torch.tensor(0.3), p=0.3), torch.zeros(1, 3))  # at p
-    below = correct_attention(alpha, torch.tensor(0.2), p=0.3)
-    assert torch.allclose(below, torch.tensor([[-0.05, -0.03, -0.02]]))  # sign flips below p
-    # unnormalised input: Eq. 9 divides by the row sum of the uncorrected weights (here 2)
-    assert torch.allclose(correct_attention(2 * alpha, torch.tensor(0.5), p=0.3), above)
+    for sim_g, mass in ((0.5, 0.2), (0.3, 0.0), (0.2, -0.1)):  # above p, at p, below p (sign flips)
+        weights, got_mass = correct_attention(alpha, torch.tensor(sim_g), p=0.3)
+        assert torch.allclose(weights, alpha)  # Eq. 9: (sim_g − p) α / Σ (sim_g − p) α = α
+        assert got_mass.item() == pytest.approx(mass, abs=1e-7)
+    # unnormalised input: Eq. 9 gives unit mass (here the row sums to 2)
+    assert torch.allclose(correct_attention(2 * alpha, torch.tensor(0.5), p=0.3)[0], alpha)
     # one global similarity per pair, broadcast over the pair's attention matrix
-    batch = correct_attention(alpha.expand(2, 1, 3), torch.tensor([0.9, 0.3])[:, None, None], p=0.3)
-    assert torch.allclose(batch[0], 0.6 * alpha) and torch.allclose(batch[1], torch.zeros(1, 3))
+    weights, mass = correct_attention(alpha.expand(2, 1, 3), torch.tensor([0.9, 0.3])[:, None, None], p=0.3)
+    assert torch.allclose(weights, alpha.expand(2, 1, 3))
+    assert torch.allclose(mass.flatten(), torch.tensor([0.6, 0.0]))
 
 
 def test_filtering_by_hand():
@@ -229,17 +229,28 @@ def test_filtering_by_hand():
     assert torch.allclose(filter_attention(weights.T, q=0.1, dim=0), squared.T)
 
 
-def test_filtering_after_correction():
+def test_filtering_after_correction_reads_the_unit_mass_weights():
+    """q filters α' of Eq. 9 (unit mass), whatever the pair's global similarity, p included."""
     alpha = torch.tensor([[0.45, 0.40, 0.10, 0.05]])
-    # sim_g close to p shrinks the spread of α' = (sim_g − p) α below q: everything is kept
-    near = filter_attention(correct_attention(alpha, torch.tensor(0.5), p=0.3), q=0.1, reweight=False)
-    assert torch.allclose(near, alpha)
-    # a strongly matching pair keeps only the dominant words: 0.6 · (0.45 − 0.40) < 0.1 < 0.6 · 0.35
-    far = filter_attention(correct_attention(alpha, torch.tensor(0.9), p=0.3), q=0.1, reweight=False)
-    assert torch.allclose(far, torch.tensor([[0.45, 0.40, 0.0, 0.0]]) / 0.85)
-    # below p the weights are negative; magnitudes decide, so the most-attended words survive
-    negative = filter_attention(correct_attention(alpha, torch.tensor(-0.5), p=0.3), q=0.1, reweight=False)
-    assert torch.allclose(negative, torch.tensor([[0.45, 0.40, 0.0, 0.0]]) / 0.85)
+    # Eq. 10 with q = 0.1: 0.45 − 0.40 = 0.05 < 0.1 keeps two words; 0.45 − 0.10 = 0.35 drops the rest.
+    # Eq. 11 as printed renormalises the squares: 0.45² = 0.2025, 0.40² = 0.16, sum 0.3625.
+    expected = torch.tensor([[0.2025, 0.16, 0.0, 0.0]]) / 0.3625
+    scorer = AttentionScorer(AcfConfig())  # p = 0.3, q = 0.1, difference rule, reweight
+    for sim_g in (0.3, 0.3001, 0.5, 0.9, -0.5):  # at p, just above it, above it, far above, below it
+        refined = scorer.refine(alpha, torch.tensor(sim_g), -1, None)
+        assert torch.allclose(refined, expected, atol=1e-6), sim_g
+    # the same along the region axis (text-to-image), with padding masked out
+    valid = torch.tensor([[True], [False], [True], [True]])
+    refined = scorer.refine(alpha.T, torch.tensor(0.3), -2, valid)
+    assert torch.allclose(refined.T, torch.tensor([[1.0, 0.0, 0.0, 0.0]]), atol=1e-6)  # 0.45 − 0.10 ≥ q
+    # the "ratio" rule on α': keep α' ≥ 0.2 · 0.45 = 0.09, also at sim_g = p
+    ratio = AttentionScorer(AcfConfig(q=0.2, filter_rule="ratio", filter_reweight=False))
+    assert torch.allclose(ratio.refine(alpha, torch.tensor(0.3), -1, None),
+                          torch.tensor([[0.45, 0.40, 0.10, 0.0]]) / 0.95, atol=1e-6)
+    # without filtering the weights are α itself; without correction the filter reads α directly
+    assert torch.equal(AttentionScorer(AcfConfig(filtering=False)).refine(alpha, torch.tensor(0.3), -1, None), alpha)
+    plain = AttentionScorer(AcfConfig(correction=False)).refine(alpha, torch.tensor(0.3), -1, None)
+    assert torch.allclose(plain, expected, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +313,7 @@ def test_head_parameter_count_with_paper_dimensions():
     assert model.num_parameters() == expected
 
 
-def test_trains_and_evaluates_end_to_end_on_cached_vig_maps(tiny_synth, tmp_path):
+def test_trains_and_evaluates_end_to_end_on_cached_vig_maps(tiny_synth, tmp_path, monkeypatch):
     """The real path: pvig_s maps cached from the shipped YAML, trainer-fitted standardiser, chunked scoring."""
     from rsitr_train.config import load_config
     from rsitr_train.runs import evaluate_run, load_run
@@ -311,7 +322,7 @@ def test_trains_and_evaluates_end_to_end_on_cached_vig_maps(tiny_synth, tmp_path
     overrides = [
         f"data.path={tiny_synth}", f"features.cache_dir={tmp_path / 'cache'}", "features.precision=fp32",
         "model.name=acf", "model.params={embed_dim: 32, word_dim: 16}", "model.features={image_size: 64}",
-        "train.epochs=1", "train.batch_size=16", "train.lr=0.001", "train.eval_batch_size=7",
+        "train.epochs=1", "train.batch_size=16", "train.lr=0.001",
     ]
     run = tmp_path / "run"
     summary = train(load_config(None, overrides), run, progress=False)
@@ -320,5 +331,10 @@ def test_trains_and_evaluates_end_to_end_on_cached_vig_maps(tiny_synth, tmp_path
     assert set(prepared.features.maps) == {"map_stage2", "map_stage3", "map_stage4"}
     assert tuple(prepared.features.maps["map_stage4"].shape[1:]) == (640, 7, 7)
     assert model.standardize.map_stage4_std.ne(1).any()  # fitted on the training split, restored from the checkpoint
-    results = [evaluate_run(run, "test", bs, tmp_path / f"eval{bs}.json", progress=False)["metrics"] for bs in (3, 512)]
+    results = []
+    for chunk in (3, 512):  # encoding chunks and scoring blocks of 3 items, then of 512
+        with monkeypatch.context() as patch:
+            for constant in ("ENCODE_CHUNK", "SCORE_IMAGE_BLOCK", "SCORE_CAPTION_BLOCK"):
+                patch.setattr(evaluation, constant, chunk)
+            results.append(evaluate_run(run, "test", tmp_path / f"eval{chunk}.json", progress=False)["metrics"])
     assert results[0] == results[1]

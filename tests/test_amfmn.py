@@ -251,7 +251,7 @@ def test_prepare_training_builds_a_train_only_prior_kept_out_of_the_state():
                 "green trees around a pond", "a pond surrounded by green trees",
                 "two white planes near a terminal"]  # caption 4: a held-out copy of caption 0 on image 1
     corpus = TrainingCorpus(captions=captions, caption_image=np.array([0, 0, 1, 1, 1]),
-                            train_caption_ids=np.array([0, 1, 2, 3]), keywords=None, vocab=None)
+                            train_caption_ids=np.array([0, 1, 2, 3]), vocab=None)
     model = small()
     before = set(model.state_dict())
     model.prepare_training(corpus)

@@ -26,7 +26,7 @@ from rsitr_train.trainer import evaluate_split, train
 def _config(dataset: Path, cache: Path, model: str = "dove-s", **extra: str):
     overrides = [f"data.path={dataset}", f"features.cache_dir={cache}", "features.image_size=64",
                  "features.precision=fp32", f"model.name={model}", "model.params={embed_dim: 32, word_dim: 16}",
-                 "train.epochs=1", "train.batch_size=16", "train.lr=0.001", "train.eval_batch_size=7"]
+                 "train.epochs=1", "train.batch_size=16", "train.lr=0.001"]
     return load_config(None, overrides + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -39,7 +39,7 @@ def trained(tmp_path_factory, tiny_synth) -> dict:
     run = root / "run"
     train(_config(data / tiny_synth.name, root / "cache"), run, progress=False)
     model, prepared = load_run(run, progress=False)
-    _, sims, split = evaluate_split(model, prepared, "test", 7, progress=False)
+    _, sims, split = evaluate_split(model, prepared, "test", progress=False)
     dataset = prepared.dataset
     images = [dataset.image_path(int(i)) for i in split.image_ids]
     captions = [dataset.captions[int(c)] for c in split.caption_ids]

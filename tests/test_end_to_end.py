@@ -31,7 +31,7 @@ def e2e_overrides(dataset, cache, epochs: int = 1, **extra) -> list[str]:
     overrides = [
         f"data.path={dataset}", f"features.cache_dir={cache}", "features.image_size=64", "features.precision=fp32",
         "features.batch_size=8", "model.name=dove-s", "model.params={embed_dim: 32, word_dim: 16}",
-        f"train.epochs={epochs}", "train.batch_size=20", "train.lr=0.001", "train.eval_batch_size=16", "train.threads=1",
+        f"train.epochs={epochs}", "train.batch_size=20", "train.lr=0.001", "train.threads=1",
     ]
     return overrides + [f"{k}={v}" for k, v in extra.items()]
 
@@ -182,7 +182,7 @@ def test_bf16_run_trains_and_evaluates(tiny_synth, tmp_path, train_backbone) -> 
     train(load_config(None, overrides), run, **QUIET)
     row = next(csv.DictReader((run / "metrics.csv").open()))
     assert math.isfinite(float(row["loss"])) and math.isfinite(float(row["val_mR"]))
-    result = evaluate_run(run, "val", 16, tmp_path / "eval.json", progress=False)
+    result = evaluate_run(run, "val", tmp_path / "eval.json", progress=False)
     assert result["precision"] == "bf16" and all(math.isfinite(v) for v in result["metrics"].values())
 
 
@@ -192,12 +192,12 @@ def test_bf16_similarity_is_close_to_fp32(tiny_synth, tmp_path) -> None:
     model = training.build_model(prepared)
     data = training.split_data(prepared.dataset, "val", prepared.vocab, config.text.max_length, model.text_inputs)
     features = prepared.features.select(data.image_ids)
-    sims = {p: compute_similarity(model, features, data.tokens, data.lengths, batch_size=8, progress=False,
+    sims = {p: compute_similarity(model, features, data.tokens, data.lengths, progress=False,
                                   text_extras=data.extras, precision=p) for p in ("fp32", "bf16")}
     assert sims["bf16"].dtype == torch.float32 and sims["bf16"].shape == sims["fp32"].shape
     correlation = np.corrcoef(sims["fp32"].flatten().numpy(), sims["bf16"].flatten().numpy())[0, 1]
     assert correlation > 0.99
-    metrics, _, _ = evaluate_split(model, prepared, "val", 8, progress=False, data=data, precision="bf16")
+    metrics, _, _ = evaluate_split(model, prepared, "val", progress=False, data=data, precision="bf16")
     assert all(math.isfinite(v) for v in metrics.values())
 
 

@@ -5,14 +5,17 @@ import torch
 from torch.nn import functional as F
 
 from helpers import loss_curve
+from rsitr import evaluation
 from rsitr.evaluation import compute_similarity
 from rsitr.models import ModelSpec, create_model, get_model_spec
 from rsitr.models.base import take_rows
+from rsitr.models.registry import get_model_reference
 
 FEATURE_DIMS = {"level_channels": [8, 16, 32, 64], "region_channels": 32, "num_regions": 6}
 PAPER_DIMS = {"level_channels": (256, 512, 1024, 2048), "region_channels": 1024, "num_regions": 36}
 VOCAB = 50
-NAMES = ["vsepp", "scan-t2i", "scan-i2t"]
+VSEPP_NAMES = ["vsepp", "vsepp-dove-encoders"]
+NAMES = [*VSEPP_NAMES, "scan-t2i", "scan-i2t"]
 EMBED = 32
 
 
@@ -64,7 +67,7 @@ def test_forward_shapes(name):
     assert all(v.shape[0] == 5 for v in images.values())
     assert all(v.shape[0] == 7 for v in texts.values())
     assert sims.shape == (5, 7) and torch.isfinite(sims).all()
-    if name == "vsepp":
+    if name in VSEPP_NAMES:
         assert images["embedding"].shape == (5, EMBED) and texts["embedding"].shape == (7, EMBED)
         assert torch.allclose(images["embedding"].norm(dim=-1), torch.ones(5), atol=1e-5)
         assert not model.pairwise
@@ -107,12 +110,14 @@ def test_scores_independent_of_batch_composition(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_blockwise_evaluation_equals_one_block(name):
+def test_blockwise_evaluation_equals_one_block(name, monkeypatch):
     """The evaluator encodes captions in chunks of different widths and scores in tiles."""
-    model = small(name, **({} if name == "vsepp" else {"pair_block": 7})).eval()
+    model = small(name, **({} if name in VSEPP_NAMES else {"pair_block": 7})).eval()
     feats, (tokens, lengths) = fake_features(6), fake_text(11)
     full = scores(model, feats, tokens, lengths)
-    blocked = compute_similarity(model, feats, tokens, lengths, batch_size=4, progress=False)
+    for constant in ("ENCODE_CHUNK", "SCORE_IMAGE_BLOCK", "SCORE_CAPTION_BLOCK"):
+        monkeypatch.setattr(evaluation, constant, 4)  # chunks of 4: 6 images and 11 captions split unevenly
+    blocked = compute_similarity(model, feats, tokens, lengths, progress=False)
     assert torch.allclose(blocked, full, atol=1e-5)
 
 
@@ -155,7 +160,7 @@ def test_config_round_trip(name):
     assert a.config == b.config and type(a) is type(b)
     shapes_a = {k: v.shape for k, v in a.state_dict().items()}
     assert shapes_a == {k: v.shape for k, v in b.state_dict().items()}
-    assert "standardize.level4_mean" in shapes_a if name == "vsepp" else "standardize.regions_mean" in shapes_a
+    assert "standardize.level4_mean" in shapes_a if name in VSEPP_NAMES else "standardize.regions_mean" in shapes_a
 
 
 def test_paper_defaults_in_yaml():
@@ -179,12 +184,51 @@ def test_invalid_options_are_rejected(name, bad):
         small(name, **bad)
 
 
+def test_vsepp_configs_are_what_they_say():
+    """vsepp: VSE++ as its paper (unidirectional GRU, last state, pooled level4, 1024-d);
+    vsepp-dove-encoders: bidirectional GRU, mean over words, d = 512, and DOVE Table I's figure."""
+    paper = create_model("vsepp", PAPER_DIMS, 100)
+    assert (paper.config.bidirectional, paper.config.text_pooling, paper.config.embed_dim) == (False, "last", 1024)
+    assert not paper.gru.bidirectional and paper.image_inputs == ("level4",)
+    assert "parameters_m" not in get_model_reference("vsepp")  # DOVE Table I's 29 M is not this model
+    assert get_model_reference("vsepp")["train"]["batch_size"] == 128
+    dove_like = create_model("vsepp-dove-encoders", PAPER_DIMS, 100)
+    c = dove_like.config
+    assert (c.bidirectional, c.text_pooling, c.embed_dim, c.word_dim, c.margin, c.hardest_negative) == (
+        True, "mean", 512, 300, 0.2, True)
+    assert dove_like.gru.bidirectional and dove_like.image_inputs == ("level4",)
+    assert get_model_spec("vsepp-dove-encoders").backbone == get_model_spec("dove").backbone == "resnet50"
+    assert get_model_reference("vsepp-dove-encoders")["parameters_m"] == 29
+
+
+def test_vsepp_dove_encoders_caption_is_doves_text_without_dtga():
+    """With DOVE's weights, the caption embedding is DOVE's T_G with dtga=none (Table III "w/o DTGA"), unit length."""
+    vsepp = small("vsepp-dove-encoders").eval()
+    torch.manual_seed(1)
+    dove = create_model("dove", FEATURE_DIMS, VOCAB, embed_dim=EMBED, word_dim=16, dtga="none").eval()
+    own = {k: v for k, v in dove.state_dict().items() if k.startswith(("gru.", "word_embedding."))}
+    assert set(own) == {k for k in vsepp.state_dict() if k.startswith(("gru.", "word_embedding."))}
+    vsepp.load_state_dict(own, strict=False)
+    tokens, lengths = fake_text(5)
+    with torch.no_grad():
+        got = vsepp.encode_text(tokens, lengths)["embedding"]
+        expected = F.normalize(dove.encode_text(tokens, lengths)["global"], dim=-1)
+        for k in range(5):  # and written out: mean over true words of the mean of both directions
+            out, _ = vsepp.gru(vsepp.word_embedding(tokens[k : k + 1, : int(lengths[k])]))
+            forward, backward = out[0].split(EMBED, dim=-1)
+            assert torch.allclose(got[k], F.normalize(((forward + backward) / 2).mean(dim=0), dim=-1), atol=1e-5)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_parameter_counts_follow_the_layer_sizes():
     """Counts written out from the layer shapes (d = 1024, word_dim 300, vocab 3000)."""
     d, w, vocab = 1024, 300, 3000
     gru_direction = 3 * (d * w + d * d + 2 * d)  # three gates: input and hidden weights, two biases
     vsepp = create_model("vsepp", PAPER_DIMS, vocab)
     assert vsepp.num_parameters() == (2048 * d + d) + vocab * w + gru_direction
+    d2 = 512  # vsepp-dove-encoders: d = 512, two GRU directions
+    dove_like = create_model("vsepp-dove-encoders", PAPER_DIMS, vocab)
+    assert dove_like.num_parameters() == (2048 * d2 + d2) + vocab * w + 2 * 3 * (d2 * w + d2 * d2 + 2 * d2)
     scan = create_model("scan-t2i", PAPER_DIMS, vocab)
     assert scan.num_parameters() == (1024 * d + d) + vocab * w + 2 * gru_direction
     assert scan.num_parameters(trainable_only=True) == scan.num_parameters()  # buffers are not parameters

@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 import torch
 
+from rsitr import evaluation
 from rsitr.evaluation import compute_similarity
 from rsitr.features import FeatureSpec, feature_dims
 from rsitr.models import create_model, get_model_spec, list_models
@@ -20,6 +21,11 @@ from rsitr.models.registry import ModelSpec, build_config
 
 VOCAB = 40
 MODELS = list_models()
+#: Every shipped model, plus settings that change how a pair is scored but not what the configs ship.
+SCORING_CASES = [pytest.param(name, {}, id=name) for name in MODELS] + [
+    pytest.param("dove", {"test_score": "final+global"}, id="dove,test_score=final+global"),
+    pytest.param("dove-s", {"iga": False, "test_score": "final+global"}, id="dove-s,iga=False,test_score=final+global"),
+]
 
 
 def _small_overrides(spec: ModelSpec) -> dict:
@@ -61,11 +67,19 @@ def _text(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, 
     return tokens, lengths, {"keyword_tokens": keywords, "keyword_lengths": keyword_lengths}
 
 
-def _build(name: str):
+def _build(name: str, **overrides):
     spec = get_model_spec(name)
     dims = _dims(spec)
     torch.manual_seed(0)
-    return create_model(spec, dims, VOCAB, **_small_overrides(spec)), dims
+    return create_model(spec, dims, VOCAB, **{**_small_overrides(spec), **overrides}), dims
+
+
+def _chunked_similarity(monkeypatch, chunk: int, *args, **kwargs) -> torch.Tensor:
+    """``compute_similarity`` with encoding chunks and scoring blocks of ``chunk`` items each."""
+    with monkeypatch.context() as patch:
+        for constant in ("ENCODE_CHUNK", "SCORE_IMAGE_BLOCK", "SCORE_CAPTION_BLOCK"):
+            patch.setattr(evaluation, constant, chunk)
+        return compute_similarity(*args, **kwargs)
 
 
 def _extras(model, extras: dict) -> dict:
@@ -86,16 +100,16 @@ def test_loss_and_gradients_are_finite(name: str) -> None:
     assert model.word_embedding.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_scores_do_not_depend_on_evaluation_chunks(name: str) -> None:
-    """The full matrix is the same whether images and captions are encoded 2 or 7 at a time."""
-    model, dims = _build(name)
+@pytest.mark.parametrize(("name", "overrides"), SCORING_CASES)
+def test_scores_do_not_depend_on_evaluation_chunks(name: str, overrides: dict, monkeypatch) -> None:
+    """The full matrix is the same whether images and captions are encoded and scored 2 or 9 at a time."""
+    model, dims = _build(name, **overrides)
     model.eval()
     features = _features(model, dims, 7, seed=1)
     tokens, lengths, extras = _text(9, seed=2)
     kwargs = {"text_extras": _extras(model, extras), "progress": False}
-    small = compute_similarity(model, features, tokens, lengths, batch_size=2, **kwargs)
-    large = compute_similarity(model, features, tokens, lengths, batch_size=7, **kwargs)
+    small = _chunked_similarity(monkeypatch, 2, model, features, tokens, lengths, **kwargs)
+    large = _chunked_similarity(monkeypatch, 9, model, features, tokens, lengths, **kwargs)
     assert small.shape == (7, 9)
     torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-5)
     with torch.no_grad():  # one pair alone scores what it scores inside the matrix
@@ -141,13 +155,13 @@ def test_one_epoch_through_the_pipeline(name: str, tiny_synth, tmp_path) -> None
     summary = train(load_config(None, overrides), tmp_path / "run", progress=False)
     assert summary["best_epoch"] == 1
     model, prepared = load_run(tmp_path / "run", progress=False)
-    metrics, sims, data = evaluate_split(model, prepared, "test", batch_size=5, progress=False)
+    metrics, sims, data = evaluate_split(model, prepared, "test", progress=False)
     assert sims.shape == (len(data.image_ids), len(data.lengths))
     assert torch.isfinite(sims).all() and 0.0 <= metrics["mR"] <= 100.0
 
 
 @pytest.mark.parametrize("name", ["scan-t2i", "dsan-t2i", "acf"])
-def test_word_level_models_score_captions_longer_than_48_tokens(name: str) -> None:
+def test_word_level_models_score_captions_longer_than_48_tokens(name: str, monkeypatch) -> None:
     """Word encodings of chunks have their own widths (up to 60 here) and score the same in any chunking."""
     model, dims = _build(name)
     model.eval()
@@ -158,8 +172,8 @@ def test_word_level_models_score_captions_longer_than_48_tokens(name: str) -> No
     tokens = torch.randint(1, VOCAB, (9, 64), generator=g)
     tokens[torch.arange(64)[None, :] >= lengths[:, None]] = 0
     kwargs = {"text_extras": _extras(model, extras), "progress": False}
-    small = compute_similarity(model, features, tokens, lengths, batch_size=2, **kwargs)
-    large = compute_similarity(model, features, tokens, lengths, batch_size=9, **kwargs)
+    small = _chunked_similarity(monkeypatch, 2, model, features, tokens, lengths, **kwargs)
+    large = _chunked_similarity(monkeypatch, 9, model, features, tokens, lengths, **kwargs)
     assert small.shape == (4, 9) and torch.isfinite(small).all()
     torch.testing.assert_close(small, large, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
@@ -174,7 +188,7 @@ def test_bf16_evaluation_runs_and_gives_float32_scores_close_to_fp32(name: str) 
     model.eval()
     features = _features(model, dims, 6, seed=3)
     tokens, lengths, extras = _text(8, seed=4)
-    kwargs = {"text_extras": _extras(model, extras), "progress": False, "batch_size": 4}
+    kwargs = {"text_extras": _extras(model, extras), "progress": False}
     fp32 = compute_similarity(model, features, tokens, lengths, precision="fp32", **kwargs)
     bf16 = compute_similarity(model, features, tokens, lengths, precision="bf16", **kwargs)
     assert bf16.dtype == torch.float32

@@ -59,7 +59,11 @@ def test_forward_backward_finite(name, overrides):
     assert model.msv.projections[0].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("overrides", ABLATIONS[:1] + [{"iga": False}, {"iga_head": "linear"}])
+SCORE_VARIANTS = ABLATIONS[:1] + [{"iga": False}, {"iga_head": "linear"}, {"test_score": "final+global"},
+                                  {"iga": False, "test_score": "final+global"}]
+
+
+@pytest.mark.parametrize("overrides", SCORE_VARIANTS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "full")
 def test_scores_independent_of_batch_composition(overrides):
     model = small("dove", **overrides).eval()
     feats, (tokens, lengths) = fake_features(7), fake_text(9)
@@ -90,6 +94,53 @@ def test_pairwise_iga_matches_direct_formula():
                 s = torch.sigmoid(r @ g / 32**0.5)
                 t = iga.head(s * g + r)
                 assert torch.allclose(got[i, j], F.cosine_similarity(t, images["visual"][i], dim=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("iga", [True, False])
+def test_final_plus_global_adds_the_global_cosine_with_weight_one(iga):
+    """test_score=final+global is cos(V_MR, T_RG) + cos(V_M, T_G), each written out pair by pair."""
+    final = small("dove", iga=iga).eval()
+    both = small("dove", iga=iga, test_score="final+global").eval()
+    both.load_state_dict(final.state_dict())
+    feats, (tokens, lengths) = fake_features(3), fake_text(4)
+    with torch.no_grad():
+        images, texts = final.encode_image(feats), final.encode_text(tokens, lengths)
+        got = both.similarity(images, texts)
+        plain = final.similarity(images, texts)
+        for i in range(3):
+            for j in range(4):
+                if iga:
+                    r = final.iga.regional(images["region_mean"][i])
+                    g = final.iga.textual(texts["global"][j])
+                    t_rg = final.iga.head(torch.sigmoid(r @ g / 32**0.5) * g + r)  # Eq. 26–28
+                else:
+                    t_rg = texts["global"][j]  # w/o IGA the final text embedding is T_G
+                cos_final = F.cosine_similarity(images["visual"][i], t_rg, dim=0)
+                cos_global = F.cosine_similarity(images["global"][i], texts["global"][j], dim=0)  # V_M, T_G (Eq. 29)
+                assert torch.allclose(plain[i, j], cos_final, atol=1e-5)
+                assert torch.allclose(got[i, j], cos_final + cos_global, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)  # the global term really is there
+
+
+def test_test_score_does_not_change_the_training_loss():
+    """Eq. 31 trains both settings alike: the final term is cos(V_MR, T_RG) whatever ranks at test."""
+    final = small("dove")
+    both = small("dove", test_score="final+global")
+    both.load_state_dict(final.state_dict())
+    feats, (tokens, lengths) = fake_features(6), fake_text(6)
+    ids = torch.tensor([0, 0, 1, 2, 3, 4])
+    a = final.training_loss(feats, tokens, lengths, ids)
+    b = both.training_loss(feats, tokens, lengths, ids)
+    for key in ("loss", "final", "global"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_test_score_default_and_configs():
+    assert small("dove").config.test_score == "final"
+    for name in DOVE_MODELS:
+        assert get_model_spec(name).params["test_score"] == "final"
+    with pytest.raises(ValueError, match="test_score"):
+        small("dove", test_score="global")
 
 
 def test_padded_regions_do_not_matter():
@@ -184,7 +235,7 @@ def test_concat_encodings_zero_pads_word_widths():
         concat_encodings([narrow, {"words": torch.randn(1, 3), "mask": torch.ones(1, 3, dtype=torch.bool)}])
 
 
-@pytest.mark.parametrize("overrides", ABLATIONS[:1] + [{"iga": False}, {"iga_head": "linear"}])
+@pytest.mark.parametrize("overrides", SCORE_VARIANTS[:4])
 def test_bf16_scores_are_finished_in_float32(overrides):
     """Under bf16 autocast the encoders run in bf16 but the score is not rounded to bf16's 8 bits."""
     model = small("dove", **overrides).eval()

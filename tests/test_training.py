@@ -21,7 +21,7 @@ def tiny_config(dataset, cache, epochs=2, **extra):
     overrides = [
         f"data.path={dataset}", f"features.cache_dir={cache}", "features.image_size=64", "features.precision=fp32",
         "model.name=dove-s", "model.params={embed_dim: 32, word_dim: 16}", f"train.epochs={epochs}",
-        "train.batch_size=16", "train.lr=0.001", "train.eval_batch_size=7",
+        "train.batch_size=16", "train.lr=0.001",
     ] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(None, overrides)
 
@@ -83,13 +83,29 @@ def test_same_seed_same_result_different_seed_differs(tiny_synth, tmp_path):
     assert not torch.equal(runs[0][key], runs[2][key])
 
 
-def test_evaluation_does_not_depend_on_batch_size(tiny_synth, tmp_path):
+def test_evaluation_does_not_depend_on_the_encoding_chunk(tiny_synth, tmp_path, monkeypatch):
+    """Every metric is identical whatever the chunking: equal captions tie exactly, not up to float noise."""
+    from rsitr import evaluation
+
+    data = json.loads(tiny_synth.read_text())  # a copy whose test images share one sentence, as RSICD's do
+    test_images = [image for image in data["images"] if image["split"] == "test"]
+    for image in test_images[1:]:
+        image["sentences"][0] = dict(test_images[0]["sentences"][0])
+    dataset = tmp_path / "dataset_repeats.json"
+    dataset.write_text(json.dumps(data))
+    (tmp_path / "images").symlink_to(tiny_synth.parent / "images")
     run = tmp_path / "run"
-    train(tiny_config(tiny_synth, tmp_path / "cache", epochs=1), run, progress=False)
-    results = [evaluate_run(run, "test", bs, tmp_path / f"eval{bs}.json", progress=False)["metrics"] for bs in (1, 5, 512)]
-    assert results[0] == results[1] == results[2]
+    train(tiny_config(dataset, tmp_path / "cache", epochs=1), run, progress=False)
+    results = []
+    for chunk in (1, 5, 512):
+        monkeypatch.setattr(evaluation, "ENCODE_CHUNK", chunk)
+        results.append(evaluate_run(run, "test", tmp_path / f"eval{chunk}.json", progress=False))
+    for key in ("metrics", "metrics_reference_ties", "metrics_distinct_text"):
+        assert results[0][key] == results[1][key] == results[2][key], key
     saved = json.loads((tmp_path / "eval5.json").read_text())
-    assert saved["split"] == "test" and saved["metrics"] == results[1]
+    assert saved["split"] == "test" and saved["metrics"] == results[1]["metrics"]
+    assert saved["selection_split"] == "val" and saved["optimistic"] is False
+    assert saved["n_distinct_texts"] < saved["n_captions"]  # the synthetic captions repeat, so ties occur
     assert saved["chance"]["t2i_r1"] == pytest.approx(100 / saved["n_images"])
 
 

@@ -27,8 +27,12 @@ Choices:
 * A run without pretrained weights used a seeded random backbone; the bundle stores that backbone's
   weights, so it no longer depends on the seed or on the code that drew it.
 * A detections file is a property of a dataset, not of a model: the bundle keeps no boxes, and
-  images without boxes get the built-in 36 boxes (:func:`rsitr.features.roi.default_boxes`),
-  exactly as dataset images without detections do. Pass a detector's boxes to ``encode_images``.
+  images without boxes get the boxes of the run's box source, exactly as dataset images without
+  detections did: the built-in 36 boxes (:func:`rsitr.features.roi.default_boxes`), or the
+  activation proposals computed from the image itself (:mod:`rsitr.features.proposals`).
+  ``bundle.json`` records the source as ``features.boxes``; a manifest (or a run's
+  ``model.json``) without the field was written before it existed and means ``"grid"``. Pass a
+  detector's boxes to ``encode_images``.
 """
 
 from __future__ import annotations
@@ -132,12 +136,14 @@ class RetrievalBundle:
                       precision: str | None = None, progress: bool = False) -> Encoding:
         """Encodings of any images (paths, PIL images or arrays; any size and mode)."""
         features = self.image_features(images, boxes, scores, batch_size, progress)
-        return self.encode_features(features, batch_size, precision)
+        return self.encode_features(features, precision)
 
-    def encode_features(self, features: dict[str, torch.Tensor], batch_size: int = 256,
-                        precision: str | None = None) -> Encoding:
-        """Encodings of images given by their backbone features (e.g. rows of a feature cache)."""
-        return encode_image_chunks(self.model, features, batch_size, self._precision(precision))
+    def encode_features(self, features: dict[str, torch.Tensor], precision: str | None = None) -> Encoding:
+        """Encodings of images given by their backbone features (e.g. rows of a feature cache).
+
+        Encoded in the evaluation's fixed chunks, so an image encodes as it did in evaluation.
+        """
+        return encode_image_chunks(self.model, features, self._precision(precision))
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Token ids, lengths and the model's extra text inputs of free-text queries.
@@ -147,12 +153,12 @@ class RetrievalBundle:
         tokens, lengths = encode_batch(self.vocab, list(texts), self.max_length)
         return tokens, lengths, text_inputs(self.vocab, list(texts), self.model.text_inputs)
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, precision: str | None = None) -> Encoding:
-        """Encodings of sentences."""
+    def encode_texts(self, texts: Sequence[str], precision: str | None = None) -> Encoding:
+        """Encodings of sentences, in the evaluation's fixed chunks."""
         if not texts:
             raise ValueError("encode_texts needs at least one text")
         tokens, lengths, extras = self.tokenize(texts)
-        return encode_text_chunks(self.model, tokens, lengths, batch_size, extras, self._precision(precision))
+        return encode_text_chunks(self.model, tokens, lengths, extras, self._precision(precision))
 
     def score(self, image_encodings: Encoding, text_encodings: Encoding, precision: str | None = None,
               progress: bool = False) -> torch.Tensor:
@@ -211,6 +217,7 @@ class RetrievalBundle:
         info = backbone_info(self.spec.backbone)
         features = replace(self.feature_spec, weights=None, detections=None).to_dict()
         features["weights"] = BACKBONE_FILE
+        features["boxes"] = self.feature_spec.boxes
         standardiser = sorted(k for k in self.model.state_dict() if k.startswith("standardize."))
         return {
             "format": BUNDLE_FORMAT,
@@ -219,7 +226,8 @@ class RetrievalBundle:
             "feature_dims": feature_dims(self.feature_spec),
             "preprocessing": {"image_size": self.feature_spec.image_size, "resize": "bilinear", "color": "RGB",
                               "input_range": [0, 1], "mean": list(info.mean), "std": list(info.std),
-                              "default_boxes": "rsitr.features.roi.default_boxes"},
+                              "default_boxes": "rsitr.features.roi.default_boxes",
+                              "boxes": self.feature_spec.boxes},
             "text": {"max_length": self.max_length, "vocab_size": len(self.vocab), "vocab_sha": vocab_digest(self.vocab),
                      "text_inputs": list(self.model.text_inputs)},
             "precision": {"model": self.precision, "features": self.feature_spec.precision},
@@ -298,6 +306,7 @@ def _load_bundle(folder: Path, verify: bool) -> RetrievalBundle:
     except (KeyError, TypeError) as exc:
         raise CheckpointError(folder / MANIFEST, f"bundle manifest lacks {exc}") from exc
     features["weights"] = folder / BACKBONE_FILE
+    features.setdefault("boxes", "grid")  # rsitr-model-v1 manifests written before the box source existed
     vocab = Vocabulary.load(folder / VOCAB_FILE)
     return _assemble(spec, FeatureSpec.from_dict(features), vocab, folder / MODEL_FILE, int(text["max_length"]),
                      precision["model"], dict(manifest.get("source") or {}))
@@ -322,7 +331,7 @@ def _load_run(folder: Path) -> RetrievalBundle:
     description = _read_json(folder / RUN_MODEL_JSON, "run model description")
     try:
         spec = ModelSpec.from_dict(description["model"])
-        feature_spec = FeatureSpec.from_dict(description["features"])
+        feature_spec = FeatureSpec.from_dict({"boxes": "grid", **description["features"]})  # older runs: grid
     except (KeyError, TypeError) as exc:
         raise CheckpointError(folder / RUN_MODEL_JSON, f"run model description lacks {exc}") from exc
     max_length, precision = _run_settings(folder, description)

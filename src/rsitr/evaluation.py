@@ -10,11 +10,25 @@ Metric definitions follow the field's reference evaluation (the one AMFMN, GaLR 
   and mean rank is ``mean + 1`` (1-based); ``mR`` is the mean of the six recalls and ``rsum`` their
   sum (DSAN's R@sum).
 
-Ties. The reference code ranks with ``argsort``, which breaks ties by position and so can reward a
-model that gives every candidate the same score (a constant model would score R@1 = 100 whenever
-the true item happens to sort first). We break every tie *against* the query: the rank of the true
-item is the number of wrong candidates scoring at least as high as it. Without ties this is exactly
-the reference rank; with ties it can only be worse, never better.
+Ties. The reference code ranks with ``np.argsort(scores)[::-1]``, which breaks ties by position
+and so can reward a model that gives every candidate the same score (a constant model would score
+R@1 = 100 whenever the true item happens to sort first). We break every tie *against* the query
+(``ties="strict"``, the default): the rank of the true item is the number of wrong candidates
+scoring at least as high as it. Without ties this is exactly the reference rank; with ties it can
+only be worse, never better. Ties are common on datasets whose captions repeat (UCM-Captions val
+has 1050 captions but 391 distinct texts): captions with the same words score the same against an
+image. ``ties="reference"`` reproduces the reference code's order (``np.argsort`` with numpy's
+default sort, reversed), to measure how far the rule moves a table (``docs/benchmarks.md``).
+
+Exactness. Scores are computed so that every metric is identical at any chunking: each distinct
+text (same tokens and extra inputs) is encoded once and its scores are copied to every caption
+that has it, so equal texts tie exactly rather than up to float noise; and both sides are encoded
+in fixed chunks of :data:`ENCODE_CHUNK` items, never in a user-chosen batch size, because a
+matrix product's last bits depend on its shape.
+
+Distinct texts. :func:`distinct_text_metrics` is an extra view for datasets whose captions
+repeat: a query counts as found when it ranks first any candidate with exactly the same text as a
+true one. It is never the headline number.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ from rsitr.data.tokenized import SplitData
 from rsitr.models.base import Encoding, RetrievalModel, concat_encodings, take_rows
 from rsitr.precision import autocast
 from rsitr.progress import progress_bar
+from rsitr.text import distinct_rows
 
 RECALL_KS = (1, 5, 10)
 METRIC_KEYS = (
@@ -49,22 +64,48 @@ def _check_inputs(sims: np.ndarray, image_of_caption: np.ndarray) -> None:
         raise ValueError("sims contains NaN or infinite values")
 
 
-def i2t_ranks(sims: np.ndarray, image_of_caption: np.ndarray) -> np.ndarray:
-    """0-based rank of each image query: wrong captions scoring >= its best own caption."""
-    own = np.zeros_like(sims, dtype=bool)
-    own[image_of_caption, np.arange(sims.shape[1])] = True
-    best_own = np.where(own, sims, -np.inf).max(axis=1)
-    ranks = ((sims >= best_own[:, None]) & ~own).sum(axis=1)
-    ranks[~own.any(axis=1)] = sims.shape[1]  # an image without captions is never found
+TIE_RULES = ("strict", "reference")
+
+
+def _check_ties(ties: str) -> None:
+    if ties not in TIE_RULES:
+        raise ValueError(f"ties must be one of {', '.join(TIE_RULES)}, got {ties!r}")
+
+
+def _positive_ranks(scores: np.ndarray, positive: np.ndarray, ties: str) -> np.ndarray:
+    """0-based rank of the best positive of each row of ``scores`` among the row's candidates.
+
+    ``strict``: the number of negatives scoring at least as high as the best positive.
+    ``reference``: the position of the first positive in ``np.argsort(row)[::-1]`` (numpy's default
+    sort, as the reference code calls it), so equal scores are ordered by the sort, not the query.
+    A row without positives gets rank = number of candidates (never found).
+    """
+    _check_ties(ties)
+    if ties == "strict":
+        best = np.where(positive, scores, -np.inf).max(axis=1)
+        ranks = ((scores >= best[:, None]) & ~positive).sum(axis=1)
+    else:
+        order = np.argsort(scores, axis=1)[:, ::-1]
+        hits = np.take_along_axis(positive, order, axis=1)
+        ranks = hits.argmax(axis=1)
+    ranks[~positive.any(axis=1)] = scores.shape[1]
     return ranks
 
 
-def t2i_ranks(sims: np.ndarray, image_of_caption: np.ndarray) -> np.ndarray:
-    """0-based rank of each caption query: wrong images scoring >= its own image."""
-    n_captions = sims.shape[1]
-    true_scores = sims[image_of_caption, np.arange(n_captions)]
-    at_least = (sims >= true_scores[None, :]).sum(axis=0)
-    return at_least - 1  # the true image itself always counts once
+def _own_mask(n_images: int, image_of_caption: np.ndarray) -> np.ndarray:
+    own = np.zeros((n_images, len(image_of_caption)), dtype=bool)
+    own[image_of_caption, np.arange(len(image_of_caption))] = True
+    return own
+
+
+def i2t_ranks(sims: np.ndarray, image_of_caption: np.ndarray, ties: str = "strict") -> np.ndarray:
+    """0-based rank of each image query: its best own caption among all captions (tie rule ``ties``)."""
+    return _positive_ranks(sims, _own_mask(sims.shape[0], image_of_caption), ties)
+
+
+def t2i_ranks(sims: np.ndarray, image_of_caption: np.ndarray, ties: str = "strict") -> np.ndarray:
+    """0-based rank of each caption query: its own image among all images (tie rule ``ties``)."""
+    return _positive_ranks(sims.T, _own_mask(sims.shape[0], image_of_caption).T, ties)
 
 
 def _rank_summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
@@ -74,26 +115,69 @@ def _rank_summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
     return out
 
 
-def recall_metrics(sims: np.ndarray | torch.Tensor, image_of_caption: np.ndarray | torch.Tensor) -> dict[str, float]:
+def _as_arrays(sims: np.ndarray | torch.Tensor, image_of_caption: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    sims_np = sims.detach().float().cpu().numpy() if isinstance(sims, torch.Tensor) else np.asarray(sims, dtype=np.float64)
+    img = image_of_caption.cpu().numpy() if isinstance(image_of_caption, torch.Tensor) else np.asarray(image_of_caption)
+    img = img.astype(np.int64)
+    _check_inputs(sims_np, img)
+    return sims_np, img
+
+
+def _metrics_of_ranks(i2t: np.ndarray, t2i: np.ndarray) -> dict[str, float]:
+    metrics = {**_rank_summary(i2t, "i2t"), **_rank_summary(t2i, "t2i")}
+    recalls = [metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS]
+    metrics["rsum"] = float(sum(recalls))
+    metrics["mR"] = metrics["rsum"] / len(recalls)
+    return {key: metrics[key] for key in METRIC_KEYS}
+
+
+def recall_metrics(sims: np.ndarray | torch.Tensor, image_of_caption: np.ndarray | torch.Tensor,
+                   ties: str = "strict") -> dict[str, float]:
     """All retrieval metrics of a similarity matrix.
 
     Args:
         sims: (n_images, n_captions) scores, higher = more similar.
         image_of_caption: (n_captions,) image index of each caption.
+        ties: ``"strict"`` (a tie ranks the true item last, the default) or ``"reference"`` (the
+            reference code's argsort order); see the module docstring.
 
     Returns:
         dict with ``i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10, mR, rsum, i2t_medr,
         i2t_meanr, t2i_medr, t2i_meanr`` (recalls in percent).
     """
-    sims_np = sims.detach().float().cpu().numpy() if isinstance(sims, torch.Tensor) else np.asarray(sims, dtype=np.float64)
-    img = image_of_caption.cpu().numpy() if isinstance(image_of_caption, torch.Tensor) else np.asarray(image_of_caption)
-    img = img.astype(np.int64)
-    _check_inputs(sims_np, img)
-    metrics = {**_rank_summary(i2t_ranks(sims_np, img), "i2t"), **_rank_summary(t2i_ranks(sims_np, img), "t2i")}
-    recalls = [metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS]
-    metrics["rsum"] = float(sum(recalls))
-    metrics["mR"] = metrics["rsum"] / len(recalls)
-    return {key: metrics[key] for key in METRIC_KEYS}
+    sims_np, img = _as_arrays(sims, image_of_caption)
+    return _metrics_of_ranks(i2t_ranks(sims_np, img, ties), t2i_ranks(sims_np, img, ties))
+
+
+def distinct_text_metrics(sims: np.ndarray | torch.Tensor, image_of_caption: np.ndarray | torch.Tensor,
+                          text_of_caption: np.ndarray | torch.Tensor) -> dict[str, float]:
+    """Metrics of the distinct-text view: an item with the same text as a true one counts as found.
+
+    For datasets whose captions repeat (several images share a sentence), no model can tell such
+    images apart from the text, so the standard t2i rank of a repeated caption is partly luck of
+    the tie rule. Here the queries are the distinct texts (each once): a text query is found at
+    rank r when r wrong images (images none of whose captions have that text) score at least as
+    high as its best image with that text; an image query is found at rank r when r captions whose
+    text is none of its own captions' texts score at least as high as its best such caption. Ties
+    are strict, as in :func:`recall_metrics`. An extra table, never the headline number.
+
+    Args:
+        text_of_caption: (n_captions,) id of each caption's text; equal ids mean identical text.
+    """
+    sims_np, img = _as_arrays(sims, image_of_caption)
+    texts = (text_of_caption.cpu().numpy() if isinstance(text_of_caption, torch.Tensor)
+             else np.asarray(text_of_caption)).astype(np.int64)
+    if texts.shape != img.shape:
+        raise ValueError(f"text_of_caption has shape {texts.shape}, expected {img.shape}")
+    distinct, text_index = np.unique(texts, return_inverse=True)
+    image_has_text = np.zeros((sims_np.shape[0], len(distinct)), dtype=bool)
+    image_has_text[img, text_index] = True
+    # t2i: one query per distinct text; its scores are those of any caption with that text
+    first_caption = np.unique(text_index, return_index=True)[1]
+    t2i = _positive_ranks(sims_np[:, first_caption].T, image_has_text.T, "strict")
+    # i2t: captions whose text is one of the image's texts are positives
+    i2t = _positive_ranks(sims_np, image_has_text[:, text_index], "strict")
+    return _metrics_of_ranks(i2t, t2i)
 
 
 def chance_metrics(n_images: int, image_of_caption: np.ndarray) -> dict[str, float]:
@@ -192,33 +276,37 @@ def format_table(metrics: dict[str, float], chance: dict[str, float] | None = No
 
 
 #: Fixed scoring block (images × captions). It bounds memory only; it is deliberately not tied to
-#: the user's batch size so that the assembled matrix is the same whatever batch size is chosen.
+#: any batch size so that the assembled matrix is the same however the caller batches.
 SCORE_IMAGE_BLOCK = 128
 SCORE_CAPTION_BLOCK = 4096
+#: Items per encoding call at evaluation. Fixed, so an item's encoding (whose last bits depend on
+#: the shape of the products it goes through) is the same in every evaluation of the same inputs.
+ENCODE_CHUNK = 64
 
 
 @torch.no_grad()
-def encode_image_chunks(model: RetrievalModel, image_features: dict[str, torch.Tensor], batch_size: int = 256,
+def encode_image_chunks(model: RetrievalModel, image_features: dict[str, torch.Tensor],
                         precision: str = "fp32") -> Encoding:
-    """Image encodings of every row of ``image_features``, computed ``batch_size`` rows at a time."""
+    """Image encodings of every row of ``image_features``, :data:`ENCODE_CHUNK` rows at a time."""
     model.eval()
     n_images = next(iter(image_features.values())).shape[0]
     with autocast(precision):
-        return concat_encodings([model.encode_image(take_rows(image_features, slice(i, i + batch_size)))
-                                 for i in range(0, n_images, max(1, batch_size))])
+        return concat_encodings([model.encode_image(take_rows(image_features, slice(i, i + ENCODE_CHUNK)))
+                                 for i in range(0, n_images, ENCODE_CHUNK)])
 
 
 @torch.no_grad()
-def encode_text_chunks(model: RetrievalModel, tokens: torch.Tensor, lengths: torch.Tensor, batch_size: int = 256,
+def encode_text_chunks(model: RetrievalModel, tokens: torch.Tensor, lengths: torch.Tensor,
                        text_extras: dict[str, torch.Tensor] | None = None, precision: str = "fp32") -> Encoding:
-    """Caption encodings, ``batch_size`` captions at a time, each chunk cut to its longest caption."""
+    """Caption encodings, :data:`ENCODE_CHUNK` captions at a time, each chunk cut to its longest caption."""
     model.eval()
     parts = []
     with autocast(precision):
-        for c in range(0, tokens.shape[0], max(1, batch_size)):
-            chunk_lengths = lengths[c : c + batch_size]
-            extras = {name: value[c : c + batch_size] for name, value in (text_extras or {}).items()}
-            parts.append(model.encode_text(tokens[c : c + batch_size, : int(chunk_lengths.max())], chunk_lengths, **extras))
+        for c in range(0, tokens.shape[0], ENCODE_CHUNK):
+            chunk_lengths = lengths[c : c + ENCODE_CHUNK]
+            extras = {name: value[c : c + ENCODE_CHUNK] for name, value in (text_extras or {}).items()}
+            parts.append(model.encode_text(tokens[c : c + ENCODE_CHUNK, : int(chunk_lengths.max())], chunk_lengths,
+                                           **extras))
     return concat_encodings(parts)
 
 
@@ -246,28 +334,30 @@ def compute_similarity(
     image_features: dict[str, torch.Tensor],
     tokens: torch.Tensor,
     lengths: torch.Tensor,
-    batch_size: int = 256,
     progress: bool = True,
     text_extras: dict[str, torch.Tensor] | None = None,
     precision: str = "fp32",
 ) -> torch.Tensor:
     """Score every image against every caption: (n_images, n_captions), float32.
 
-    Each side is encoded once in chunks of ``batch_size`` (encodings depend on one item only), then
-    the pairs are scored block by block. Nothing here looks at which caption belongs to which image.
-    ``text_extras`` are the model's extra text inputs (e.g. keyword tokens), row-aligned with ``tokens``.
-    ``precision="bf16"`` runs encoding and scoring under CPU bfloat16 autocast (about twice as fast
-    on CPUs with bf16 instructions); the scores are returned as float32 either way.
+    Each image and each distinct caption input (:func:`distinct_rows`) is encoded once, in fixed
+    chunks (encodings depend on one item only), then the pairs are scored block by block, and
+    every caption gets the scores of its input, so captions with equal text tie exactly. Nothing
+    here looks at which caption belongs to which image. ``text_extras`` are the model's extra text
+    inputs (e.g. keyword tokens), row-aligned with ``tokens``. ``precision="bf16"`` runs encoding
+    and scoring under CPU bfloat16 autocast (about twice as fast on CPUs with bf16 instructions);
+    the scores are returned as float32 either way.
     """
-    images = encode_image_chunks(model, image_features, batch_size, precision)
-    texts = encode_text_chunks(model, tokens, lengths, batch_size, text_extras, precision)
-    return score_encodings(model, images, texts, precision, progress)
+    first, inverse = distinct_rows(tokens, lengths, text_extras)
+    extras = {name: value[first] for name, value in (text_extras or {}).items()}
+    images = encode_image_chunks(model, image_features, precision)
+    texts = encode_text_chunks(model, tokens[first], lengths[first], extras, precision)
+    return score_encodings(model, images, texts, precision, progress)[:, inverse]
 
 
 def evaluate_features(model: RetrievalModel, image_features: dict[str, torch.Tensor], data: SplitData,
-                      batch_size: int = 256, precision: str = "fp32",
-                      progress: bool = True) -> tuple[dict[str, float], torch.Tensor]:
+                      precision: str = "fp32", progress: bool = True) -> tuple[dict[str, float], torch.Tensor]:
     """Metrics and score matrix of one split, given the features of its images (rows = ``data.image_ids``)."""
-    sims = compute_similarity(model, image_features, data.tokens, data.lengths, batch_size=batch_size,
-                              progress=progress, text_extras=data.extras, precision=precision)
+    sims = compute_similarity(model, image_features, data.tokens, data.lengths, progress=progress,
+                              text_extras=data.extras, precision=precision)
     return recall_metrics(sims, data.caption_local_image), sims

@@ -181,3 +181,26 @@ def load_glove(path: str | Path, vocab: Vocabulary, dim: int) -> tuple[torch.Ten
             weights[index] = torch.from_numpy(values)
             found += 1
     return weights, found
+
+
+def distinct_rows(tokens: torch.Tensor, lengths: torch.Tensor,
+                  text_extras: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which captions are the same model input: (first row of each distinct input, inverse map).
+
+    Two captions are the same input when their lengths, their tokens up to the length and every
+    extra text input agree. ``first`` lists, in order of first appearance, one row per distinct
+    input; ``inverse[c]`` is the position in ``first`` of caption ``c``'s input.
+    """
+    n = tokens.shape[0]
+    columns = [lengths.reshape(n, 1).long(), tokens.long() * (torch.arange(tokens.shape[1]) < lengths.reshape(n, 1))]
+    for name in sorted(text_extras or {}):
+        columns.append((text_extras or {})[name].reshape(n, -1).long())
+    rows = torch.cat(columns, dim=1)
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    first_of: dict[int, int] = {}
+    for row, group in enumerate(inverse.tolist()):
+        first_of.setdefault(group, row)
+    order = sorted(first_of, key=first_of.__getitem__)  # groups in order of first appearance
+    position = torch.empty(len(order), dtype=torch.int64)
+    position[torch.tensor(order, dtype=torch.int64)] = torch.arange(len(order))
+    return torch.tensor([first_of[g] for g in order], dtype=torch.int64), position[inverse]

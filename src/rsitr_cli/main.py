@@ -31,6 +31,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detections", help="detections json giving the region boxes")
     parser.add_argument("--glove", help="GloVe vectors text file for the word embedding")
     parser.add_argument("--cache-dir", help="feature cache folder")
+    parser.add_argument("--exclude", help="audit JSON (rsitr data audit) whose training items are dropped (sets data.exclude)")
     parser.add_argument("--train-backbone", action="store_true", default=None,
                         help="train the backbone end to end with the model (sets train.train_backbone; slower, augments images)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field")
@@ -42,6 +43,7 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
         ("model.name", args.model), ("train.epochs", args.epochs), ("train.batch_size", args.batch_size),
         ("train.seed", args.seed), ("features.backbone_weights", args.backbone_weights),
         ("features.detections", args.detections), ("text.glove", args.glove), ("features.cache_dir", args.cache_dir),
+        ("data.exclude", args.exclude),
         ("train.train_backbone", True if args.train_backbone else None),
     ]
     return [f"{key}={json.dumps(value) if isinstance(value, str) else value}" for key, value in pairs if value is not None] + list(args.set)
@@ -61,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from rsitr_train.runs import evaluate_run, result_table
 
-    result = evaluate_run(args.run_dir, args.split, args.batch_size, args.json, progress=not args.quiet,
+    result = evaluate_run(args.run_dir, args.split, args.json, progress=not args.quiet,
                           precision=args.precision, dataset=args.dataset)
     print(result_table(result))
     return 0
@@ -111,6 +113,27 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from rsitr.data import detect_layout, load_dataset
+    from rsitr.data.audit import DEFAULT_THRESHOLD, audit_datasets, write_audit
+
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    started = time.perf_counter()
+    datasets = [load_dataset(path, layout=args.layout) for path in args.paths]
+    layouts = [args.layout if args.layout != "auto" else detect_layout(path) for path in args.paths]
+    report = audit_datasets(datasets, threshold=threshold, hash_images=not args.no_images, layouts=layouts,
+                            progress=not args.quiet)
+    json_path, md_path = write_audit(report, args.out)
+    excl = report["exclusions"]
+    print(f"{len(report['captions']['within_split'])} texts repeated within a split, "
+          f"{len(report['captions']['cross_split'])} shared between splits, "
+          f"{len(report['captions']['cross_dataset'])} val/test texts in another dataset's train; "
+          f"{len(report['images']['pairs'])} image pairs within distance {threshold}; "
+          f"exclusions: {len(excl['images'])} train images, {len(excl['captions'])} train (image, caption) entries")
+    print(f"wrote {md_path} and {json_path} ({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     from rsitr.data import load_dataset
     from rsitr.features import FeatureSpec, default_cache_dir, extract_features
@@ -136,7 +159,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     for name in list_models():
         spec = get_model_spec(name)
-        print(f"{name:12s} architecture={spec.architecture:8s} backbone={spec.backbone}")
+        print(f"{name:20s} architecture={spec.architecture:8s} backbone={spec.backbone}")
     return 0
 
 
@@ -153,6 +176,12 @@ def _experiment_base(args: argparse.Namespace, exclude: tuple[str, ...] = ()) ->
     return data
 
 
+def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--report-selection-split", action="store_true",
+                        help="report the split the checkpoints were chosen on (tables say: selection split, optimistic); "
+                             "by default test is reported, or val with a selection split carved from train")
+
+
 def _seeds(value: int) -> list[int]:
     if value < 1:
         raise ConfigError(f"--seeds must be >= 1, got {value}")
@@ -166,7 +195,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if not models:
         raise ConfigError("--models needs at least one model name (see: rsitr models)")
     started = time.perf_counter()
-    path, text = run_benchmark(_experiment_base(args), models, _seeds(args.seeds), Path(args.out), args.split,
+    if args.resplits < 0:
+        raise ConfigError(f"--resplits must be >= 0, got {args.resplits}")
+    path, text = run_benchmark(_experiment_base(args), models, _seeds(args.seeds), Path(args.out),
+                               report_selection=args.report_selection_split, resplits=args.resplits,
                                progress=not args.quiet)
     print(text)
     print(f"written {path} and {path.with_suffix('.json')} in {time.perf_counter() - started:.0f} s")
@@ -183,8 +215,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         return 0
     study = load_study(args.study)
     started = time.perf_counter()
-    path, text = run_study(study, _experiment_base(args), _seeds(args.seeds), Path(args.out), args.split,
-                           progress=not args.quiet)
+    path, text = run_study(study, _experiment_base(args), _seeds(args.seeds), Path(args.out),
+                           report_selection=args.report_selection_split, progress=not args.quiet)
     print(text)
     print(f"written {path} and {path.with_suffix('.json')} in {time.perf_counter() - started:.0f} s")
     return 0
@@ -195,7 +227,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from rsitr_train.pretrain import PretrainConfig, load_pretrain_config, pretrain
 
     data = load_classification_data(args.path, val_fraction=args.val_fraction, seed=args.seed,
-                                    train_split=args.train_split, val_split=args.val_split)
+                                    train_split=args.train_split,
+                                    val_split=None if args.val_split.lower() == "none" else args.val_split)
     print(data.summary())
     values = {"backbone": args.backbone, "image_size": args.image_size, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "precision": args.precision,
@@ -263,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--layout", default="auto")
     info.add_argument("--images")
     info.set_defaults(func=cmd_info)
+    audit = data_sub.add_parser("audit", parents=[quiet], help="repeated captions, duplicate images and leaks across splits and datasets")
+    audit.add_argument("paths", nargs="+", metavar="PATH", help="dataset files or folders (each with a distinct name)")
+    audit.add_argument("--out", required=True, help="folder for audit.md and audit.json")
+    audit.add_argument("--layout", default="auto", help="layout of every PATH (default: detected per path)")
+    audit.add_argument("--threshold", type=int, help="largest pHash Hamming distance (of 64 bits) of a near-duplicate (default 6)")
+    audit.add_argument("--no-images", action="store_true", help="audit captions only")
+    audit.set_defaults(func=cmd_audit)
 
     feats = sub.add_parser("features", parents=[quiet], help="extract and cache backbone features of a dataset")
     feats.add_argument("path")
@@ -285,7 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", parents=[quiet], help="evaluate a run directory")
     ev.add_argument("run_dir")
     ev.add_argument("--split", default="test", help="val or test (default test)")
-    ev.add_argument("--batch-size", type=int, default=256, help="encoding chunk; results do not depend on it")
     ev.add_argument("--json", help="where to write the metrics (default RUN_DIR/eval_SPLIT.json)")
     ev.add_argument("--precision", choices=["fp32", "bf16"], help="model (and trained backbone) precision; default: the run's train.precision")
     ev.add_argument("--dataset", help="the dataset to evaluate on, when not where the run's config says")
@@ -300,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(bench)
     bench.add_argument("--models", required=True, help="comma-separated model names or YAML paths, e.g. dove,dove-s,vsepp")
     bench.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per model (default 3)")
-    bench.add_argument("--split", default="val", help="split reported (checkpoints are always chosen on val)")
+    _add_protocol_arguments(bench)
+    bench.add_argument("--resplits", type=int, default=0,
+                       help="DOVE Table I protocol: N random image-level reallocations of train+val, one run each, "
+                            "mean ± std on test (replaces --seeds)")
     bench.add_argument("--out", required=True, help="folder for runs and the report (re-running resumes)")
     bench.set_defaults(func=cmd_benchmark)
 
@@ -309,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("study", nargs="?", help="study name (see --list) or a study YAML")
     ablate.add_argument("--list", action="store_true", help="list the shipped studies")
     ablate.add_argument("--seeds", type=int, default=1)
-    ablate.add_argument("--split", default="val")
+    _add_protocol_arguments(ablate)
     ablate.add_argument("--out", default="ablations", help="folder for runs and the report")
     ablate.set_defaults(func=cmd_ablate)
 
@@ -330,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--val-fraction", type=float, default=0.2, help="held-out share when there is no val split")
     pre.add_argument("--train-split", default="train", help="for a retrieval dataset: the split whose labels train")
-    pre.add_argument("--val-split", default="val", help="for a retrieval dataset: the split that validates")
+    pre.add_argument("--val-split", default="val", help="for a retrieval dataset: the split that validates; none holds out --val-fraction of "
+                     "the train split per class (seeded by --seed), as the carved selection split does")
     pre.set_defaults(func=cmd_pretrain)
 
     salient = sub.add_parser("salient", parents=[quiet], help="AMFMN salient masks (Fig. 10) of a trained run over images of a split")

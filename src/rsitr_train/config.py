@@ -28,6 +28,9 @@ from rsitr.errors import ConfigError
 from rsitr.features import default_cache_dir
 from rsitr.io import check_keys, list_yaml_names, read_named_yaml
 from rsitr.precision import check_precision
+from rsitr.progress import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -37,7 +40,17 @@ class DataConfig:
     image_dir: str | None = None  # image folder when not beside the caption files
     name: str | None = None  # dataset name for cache keys and reports (default: from the path)
     train_split: str = "train"  # split used for training
-    val_split: str = "val"  # split used to choose the best epoch (never the test split)
+    val_split: str = "val"  # the selection split: chooses the best epoch (never the reported split)
+    selection_fraction: float = 0.0  # > 0: carve val_split out of train_split, this share of each scene class, seeded by split_seed (for train/val-only datasets; val_split must be a new name, e.g. select)
+    resplit: list[str] = field(default_factory=list)  # splits whose images are pooled and dealt out again at random, sizes kept, seeded by split_seed (DOVE Sec. IV-A: [train, val])
+    split_seed: int = 0  # seed of selection_fraction and resplit
+    exclude: str | None = None  # audit JSON (rsitr data audit) whose listed training items are dropped
+
+    def __post_init__(self) -> None:
+        if not 0 <= float(self.selection_fraction) < 1:
+            raise ConfigError(f"data.selection_fraction must be in [0, 1), got {self.selection_fraction!r}")
+        if not isinstance(self.resplit, list) or not all(isinstance(s, str) for s in self.resplit):
+            raise ConfigError(f"data.resplit must be a list of split names, got {self.resplit!r}")
 
 
 @dataclass
@@ -64,6 +77,7 @@ class TextConfig:
     vocab: str | None = None  # an existing AMFMN-style vocabulary json instead of building one
     glove: str | None = None  # GloVe text file to initialise word vectors; None = random init
     max_length: int = 48  # captions are cut to this many tokens
+    dataset_keywords: bool = True  # training captions read the dataset's keyword lists (RSITMD) when it has them; val/test captions never do
 
 
 @dataclass
@@ -75,7 +89,6 @@ class TrainConfig:
     lr_decay_every: int = 20  # ... every this many epochs (paper: 0.7 every 20)
     grad_clip: float = 2.0  # max gradient norm, applied after backward; 0 disables
     seed: int = 0  # seeds initialisation and batch order
-    eval_batch_size: int = 256  # items per encoding chunk at validation (results do not depend on it)
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     precision: str = "fp32"  # fp32 | bf16: CPU bf16 autocast of the model's forward (training, validation); weights stay fp32
     train_backbone: bool = False  # train the backbone with the model (end to end) instead of reading cached features
@@ -136,8 +149,17 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+#: Keys older configs may hold that no longer do anything; they are dropped with a log line.
+RETIRED_KEYS = {
+    "train.eval_batch_size": "evaluation encodes in fixed chunks, so no batch size can change a result",
+}
+
+
 def _build_section(name: str, values: dict[str, Any], source: str) -> Any:
     cls = _SECTIONS[name]
+    for key in [k for k in values if f"{name}.{k}" in RETIRED_KEYS]:
+        logger.info(f"{source}: ignoring {name}.{key} ({RETIRED_KEYS[f'{name}.{key}']})")
+        del values[key]
     check_keys(values, [f.name for f in dataclasses.fields(cls)], source, prefix=f"{name}.")
     return cls(**values)
 

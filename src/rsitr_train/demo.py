@@ -34,5 +34,5 @@ def run_demo(out: Path, num_images: int = 1000, epochs: int | None = None,
     config = load_config("demo", overrides)
     run_dir = out / "run"
     summary = train(config, run_dir, progress=progress)
-    result = evaluate_run(run_dir, "test", config.train.eval_batch_size, None, progress=progress)
+    result = evaluate_run(run_dir, "test", None, progress=progress)
     return summary, result

@@ -33,7 +33,7 @@ from rsitr.data import RetrievalDataset
 from rsitr.data.images import decode_images, normalize
 from rsitr.errors import ConfigError, ImageReadError
 from rsitr.features import FeatureSpec, backbone_features
-from rsitr.features.compute import choose_boxes
+from rsitr.features.compute import choose_boxes, has_usable_boxes
 from rsitr.features.detections import lookup, read_detections
 from rsitr.progress import progress_bar
 from rsitr_train.augment import AugmentConfig, Geometry, affine_matrices, color_jitter, eval_transform, sample_geometry, warp
@@ -47,6 +47,7 @@ class ImageStore:
     images: Tensor  # (n, 3, S, S) uint8
     boxes: Tensor  # (n, N_r, 4) float32, resized-image pixels
     mask: Tensor  # (n, N_r) bool, False for padding boxes
+    given: Tensor  # (n,) bool, True where the boxes are the image's own detections (kept by every box source)
     row_of: Tensor  # (dataset images,) int64: the row of each dataset id, -1 when not held
 
     def rows(self, image_ids: Tensor) -> Tensor:
@@ -81,23 +82,27 @@ def _original_size(path: Path) -> tuple[int, int]:
         raise ImageReadError(path, f"cannot read image size ({exc.__class__.__name__})") from exc
 
 
-def region_boxes(dataset: RetrievalDataset, spec: FeatureSpec, image_ids: list[int]) -> tuple[Tensor, Tensor]:
-    """The boxes and masks feature extraction uses for ``image_ids``: (n, N_r, 4) float32, (n, N_r) bool.
+def region_boxes(dataset: RetrievalDataset, spec: FeatureSpec, image_ids: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """The boxes, masks and own-box flags feature extraction uses for ``image_ids``.
 
-    Detections come from ``spec.detections`` (by image filename, see :mod:`rsitr.features.detections`);
-    images without an entry get the default boxes, exactly as the feature cache chooses them.
+    (n, N_r, 4) float32, (n, N_r) bool, (n,) bool. Detections come from ``spec.detections`` (by
+    image filename, see :mod:`rsitr.features.detections`); images without an entry get the grid
+    boxes and the flag False, so that under ``spec.boxes="activation"`` :func:`backbone_features`
+    proposes theirs, exactly as the feature cache does.
     """
     detections = read_detections(spec.detections) if spec.detections is not None else None
-    boxes, masks = [], []
+    boxes, masks, given = [], [], []
     for i in image_ids:
         entry = lookup(detections, dataset.image_files[i]) if detections is not None else None
         size = _original_size(dataset.image_path(i)) if entry else (spec.image_size, spec.image_size)
         b, m = choose_boxes(entry, size, spec)
         boxes.append(b)
         masks.append(m)
+        given.append(has_usable_boxes(entry, size))
     if not boxes:
-        return torch.zeros(0, spec.num_regions, 4), torch.zeros(0, spec.num_regions, dtype=torch.bool)
-    return torch.stack(boxes), torch.stack(masks)
+        return (torch.zeros(0, spec.num_regions, 4), torch.zeros(0, spec.num_regions, dtype=torch.bool),
+                torch.zeros(0, dtype=torch.bool))
+    return torch.stack(boxes), torch.stack(masks), torch.tensor(given, dtype=torch.bool)
 
 
 def load_image_store(dataset: RetrievalDataset, spec: FeatureSpec, image_ids: list[int], threads: int = 0,
@@ -105,11 +110,11 @@ def load_image_store(dataset: RetrievalDataset, spec: FeatureSpec, image_ids: li
     """Decode ``image_ids`` once into memory (uint8 at ``spec.image_size``) with their region boxes."""
     images = decode_images([dataset.image_path(i) for i in image_ids], spec.image_size, threads, progress,
                            desc="decoding images")
-    boxes, mask = region_boxes(dataset, spec, image_ids)
+    boxes, mask, given = region_boxes(dataset, spec, image_ids)
     ids = torch.tensor(image_ids, dtype=torch.int64)
     row_of = torch.full((dataset.num_images,), -1, dtype=torch.int64)
     row_of[ids] = torch.arange(len(ids))
-    return ImageStore(image_ids=ids, images=images, boxes=boxes, mask=mask, row_of=row_of)
+    return ImageStore(image_ids=ids, images=images, boxes=boxes, mask=mask, given=given, row_of=row_of)
 
 
 def transform_boxes(boxes: Tensor, geometry: Geometry, in_size: int, out_size: int) -> Tensor:
@@ -156,7 +161,7 @@ def store_features(backbone: Backbone, store: ImageStore, image_ids: Tensor, spe
     images, boxes = _transform(store.images[rows], store.boxes[rows], store.mask[rows], spec.image_size, augment, generator)
     info = backbone_info(spec.backbone)
     features = backbone_features(backbone, normalize(images, info.mean, info.std), boxes, store.mask[rows], spec,
-                                 precision)
+                                 precision, given=store.given[rows])
     return {key: value.index_select(0, inverse) for key, value in features.items()}
 
 

@@ -10,6 +10,7 @@ A run directory holds everything needed to evaluate or resume a run::
                          ``--backbone-weights`` and :func:`rsitr.backbones.create_backbone` load it)
     resume.pt            last epoch's model, optimiser, scheduler and RNG state (for resuming),
                          and the backbone in end-to-end runs
+    splits.json          the split of every image it trained with (selection split included)
     metrics.csv          loss terms and validation metrics per epoch
     training_curves.png  the same, plotted
 
@@ -28,12 +29,12 @@ from typing import Any
 from rsitr.backbones import Backbone
 from rsitr.bundle import BACKBONE_FILE, MODEL_FILE, RUN_MODEL_JSON, load_model, vocab_digest
 from rsitr.errors import CheckpointError
-from rsitr.evaluation import chance_metrics, format_table
+from rsitr.evaluation import chance_metrics, distinct_text_metrics, format_table, recall_metrics
 from rsitr.features import feature_dims, file_sha256
 from rsitr.io import save_tensors, write_json
 from rsitr.models import RetrievalModel
 from rsitr_train.config import load_config
-from rsitr_train.trainer import Prepared, evaluate_split, prepare
+from rsitr_train.trainer import SPLITS_FILE, Prepared, evaluate_split, prepare
 
 CHECKPOINT = MODEL_FILE
 BACKBONE_CHECKPOINT = BACKBONE_FILE
@@ -91,27 +92,37 @@ def load_run(run_dir: str | Path, progress: bool = True, dataset: str | Path | N
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(dataset)))
     bundle = load_model(run_dir)
     end_to_end = config.train.train_backbone
-    prepared = prepare(config, vocab=bundle.vocab, progress=progress, extract=not end_to_end)
+    splits = run_dir / SPLITS_FILE
+    prepared = prepare(config, vocab=bundle.vocab, progress=progress, extract=not end_to_end,
+                       splits=splits if splits.is_file() else None)
     if end_to_end:
         prepared.backbone = bundle.backbone
     return bundle.model, prepared
 
 
-def evaluate_run(run_dir: str | Path, split: str, batch_size: int, json_path: str | Path | None = None,
+def evaluate_run(run_dir: str | Path, split: str, json_path: str | Path | None = None,
                  progress: bool = True, precision: str | None = None, dataset: str | None = None) -> dict[str, Any]:
     """Evaluate a run directory on ``split``; write and return the result (:func:`result_table` prints it).
 
     ``precision`` (``"fp32"`` or ``"bf16"``) overrides the run's ``train.precision``; ``dataset``
-    evaluates on another copy of the data than the one the run's config names.
+    evaluates on another copy of the data than the one the run's config names. The result says
+    which split chose the checkpoint (``selection_split``) and, when ``split`` is that split,
+    that its figures are optimistic. It also holds the reference code's tie order
+    (``metrics_reference_ties``) and the distinct-text view (``metrics_distinct_text``).
     """
     model, prepared = load_run(run_dir, progress=progress, dataset=dataset)
     precision = precision or prepared.config.train.precision
     started = time.perf_counter()
-    metrics, sims, data = evaluate_split(model, prepared, split, batch_size, progress=progress, precision=precision)
+    metrics, sims, data = evaluate_split(model, prepared, split, progress=progress, precision=precision)
     seconds = time.perf_counter() - started
     chance = chance_metrics(len(data.image_ids), data.caption_local_image)
+    selection = prepared.config.data.val_split
     result = {"model": prepared.spec.name, "dataset": prepared.dataset.name, "split": split,
-              "n_images": len(data.image_ids), "n_captions": len(data.lengths), "metrics": metrics,
+              "selection_split": selection, "optimistic": split == selection,
+              "n_images": len(data.image_ids), "n_captions": len(data.lengths),
+              "n_distinct_texts": int(data.text_ids.unique().numel()), "metrics": metrics,
+              "metrics_reference_ties": recall_metrics(sims, data.caption_local_image, ties="reference"),
+              "metrics_distinct_text": distinct_text_metrics(sims, data.caption_local_image, data.text_ids),
               "chance": chance, "precision": precision, "seconds": round(seconds, 3)}
     write_json(json_path or Path(run_dir) / f"eval_{split}.json", result)
     return result
@@ -119,7 +130,8 @@ def evaluate_run(run_dir: str | Path, split: str, batch_size: int, json_path: st
 
 def result_table(result: dict[str, Any]) -> str:
     """The result of :func:`evaluate_run` as a table laid out like DOVE's Table I, chance beside it."""
-    title = (f"{result['model']} on {result['dataset']} {result['split']}: "
+    optimistic = " (selection split: optimistic)" if result.get("optimistic") else ""
+    title = (f"{result['model']} on {result['dataset']} {result['split']}{optimistic}: "
              f"{result['n_images']} images, {result['n_captions']} captions")
     pairs = result["n_images"] * result["n_captions"]
     return (format_table(result["metrics"], result["chance"], title=title)

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from rsitr.backbones import Backbone
 from rsitr.data import RetrievalDataset, load_dataset
+from rsitr.data.splits import apply_assignment, carve_selection, reallocate, write_assignment
 from rsitr.data.tokenized import SplitData, split_data
 from rsitr.errors import CheckpointError, ConfigError
 from rsitr.evaluation import evaluate_features
@@ -71,6 +72,9 @@ from rsitr_train.loop import (
 )
 
 logger = get_logger(__name__)
+
+#: The split of every image the run trained with (:mod:`rsitr.data.splits`), by file name.
+SPLITS_FILE = "splits.json"
 
 CURVES = "training_curves.png"
 
@@ -114,15 +118,49 @@ def feature_spec(config: RunConfig, spec: ModelSpec) -> FeatureSpec:
     return FeatureSpec(**values)
 
 
-def prepare(config: RunConfig, vocab: Vocabulary | None = None, progress: bool = True, extract: bool = True) -> Prepared:
-    """Read the dataset, build or load the vocabulary, and extract (or load cached) features.
+def run_dataset(config: RunConfig, splits: Path | None = None) -> RetrievalDataset:
+    """The dataset of a run with the run's splits.
 
-    ``extract=False`` skips the feature cache (``features`` is None): for an end-to-end run whose
-    features come from its own trained backbone.
+    ``splits`` is a stored assignment (a run's ``splits.json``), used as it is. Without one the
+    config's rules apply: ``data.resplit`` reallocates, then ``data.selection_fraction`` carves the
+    selection split ``data.val_split`` out of ``data.train_split`` (:mod:`rsitr.data.splits`), and
+    ``data.exclude`` drops the training items an audit listed.
     """
-    if not config.data.path:
+    data = config.data
+    if not data.path:
         raise ConfigError("data.path is empty: give the dataset file or folder (--dataset PATH)")
-    dataset = load_dataset(config.data.path, layout=config.data.layout, image_dir=config.data.image_dir, name=config.data.name)
+    dataset = load_dataset(data.path, layout=data.layout, image_dir=data.image_dir, name=data.name)
+    if splits is not None:
+        dataset = apply_assignment(dataset, splits)
+    else:
+        if data.resplit:
+            dataset = reallocate(dataset, data.resplit, data.split_seed)
+        if data.selection_fraction:
+            dataset = carve_selection(dataset, float(data.selection_fraction), data.split_seed,
+                                      source=data.train_split, name=data.val_split)
+    if data.exclude:
+        dataset = _exclude(dataset, data.exclude, data.train_split)
+    return dataset
+
+
+def _exclude(dataset: RetrievalDataset, path: str, train_split: str) -> RetrievalDataset:
+    """``dataset`` without the training captions and images the audit file ``path`` lists."""
+    from rsitr.data.audit import apply_exclusions, read_exclusions
+
+    dataset, dropped = apply_exclusions(dataset, read_exclusions(path), train_split=train_split)
+    logger.info(f"{path}: dropped from {train_split!r}: " + ", ".join(f"{v} {k}" for k, v in dropped.items()))
+    return dataset
+
+
+def prepare(config: RunConfig, vocab: Vocabulary | None = None, progress: bool = True, extract: bool = True,
+            splits: Path | None = None) -> Prepared:
+    """Read the dataset with the run's splits, build or load the vocabulary, and extract (or load cached) features.
+
+    ``splits``: a stored split assignment (:func:`run_dataset`). ``extract=False`` skips the
+    feature cache (``features`` is None): for an end-to-end run whose features come from its own
+    trained backbone.
+    """
+    dataset = run_dataset(config, splits)
     for split in (config.data.train_split, config.data.val_split):
         if split not in dataset.splits():
             raise ConfigError(f"{config.data.path}: no {split!r} split (has: {', '.join(dataset.splits())})")
@@ -166,7 +204,7 @@ def build_model(prepared: Prepared, fit_statistics: bool = True) -> RetrievalMod
     return model
 
 
-def evaluate_split(model: RetrievalModel, prepared: Prepared, split: str, batch_size: int, progress: bool = True,
+def evaluate_split(model: RetrievalModel, prepared: Prepared, split: str, progress: bool = True,
                    data: SplitData | None = None, precision: str | None = None) -> tuple[dict[str, float], Tensor, SplitData]:
     """Metrics, similarity matrix and caption data of one split.
 
@@ -182,7 +220,7 @@ def evaluate_split(model: RetrievalModel, prepared: Prepared, split: str, batch_
     if data is None:
         data = split_data(prepared.dataset, split, prepared.vocab, prepared.config.text.max_length, model.text_inputs)
     image_features = split_image_features(prepared, data.image_ids, precision, progress)
-    metrics, sims = evaluate_features(model, image_features, data, batch_size, precision, progress)
+    metrics, sims = evaluate_features(model, image_features, data, precision, progress)
     return metrics, sims, data
 
 
@@ -284,12 +322,16 @@ def train(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict
         vocab = Vocabulary.load(run_dir / "vocab.json")
     else:
         vocab = None
-    prepared = prepare(config, vocab=vocab, progress=progress)
+    splits_path = run_dir / SPLITS_FILE
+    prepared = prepare(config, vocab=vocab, progress=progress,
+                       splits=splits_path if resume_path.exists() and splits_path.exists() else None)
     write_text(run_dir / "config.yaml", config.to_yaml())
+    write_assignment(splits_path, prepared.dataset)
     prepared.vocab.save(run_dir / "vocab.json")
 
     model = build_model(prepared, fit_statistics=not resume_path.exists())
-    train_data = split_data(prepared.dataset, config.data.train_split, prepared.vocab, config.text.max_length, model.text_inputs)
+    train_data = split_data(prepared.dataset, config.data.train_split, prepared.vocab, config.text.max_length,
+                            model.text_inputs, dataset_keywords=config.text.dataset_keywords)
     val_data = split_data(prepared.dataset, config.data.val_split, prepared.vocab, config.text.max_length, model.text_inputs)
     if config.train.train_backbone:
         _start_end_to_end(prepared, train_data.image_ids, val_data.image_ids, progress)
@@ -303,7 +345,7 @@ def train(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict
 
     model.prepare_training(TrainingCorpus(
         captions=prepared.dataset.captions, caption_image=prepared.dataset.caption_image,
-        train_caption_ids=train_data.caption_ids.numpy(), keywords=prepared.dataset.keywords, vocab=prepared.vocab,
+        train_caption_ids=train_data.caption_ids.numpy(), vocab=prepared.vocab,
     ))
     n_params = model.num_parameters()
     n_backbone = sum(p.numel() for p in trainable_backbone_parameters(backbone)) if backbone is not None else 0
@@ -317,8 +359,7 @@ def train(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict
         started = time.perf_counter()
         terms = _train_epoch(model, optimizer, prepared, train_data, epoch, progress)
         train_seconds = time.perf_counter() - started
-        metrics, _, _ = evaluate_split(model, prepared, config.data.val_split, config.train.eval_batch_size,
-                                       progress=False, data=val_data)
+        metrics, _, _ = evaluate_split(model, prepared, config.data.val_split, progress=False, data=val_data)
         lrs = {"lr": optimizer.param_groups[0]["lr"]}
         if backbone is not None:
             lrs["backbone_lr"] = optimizer.param_groups[1]["lr"]

@@ -6,6 +6,12 @@ features goes through it: the cache (:func:`compute_features`, without gradients
 training (with gradients) and :func:`image_batch` + :func:`features_of_images` for images that
 belong to no dataset (a user's folder, a crop of a large scene, an uploaded picture).
 
+Region boxes: an image's own boxes (a detections entry, or boxes a caller passes) always win; an
+image without them gets the boxes of ``spec.boxes``: the fixed grid, chosen before the backbone
+runs, or activation proposals (:mod:`rsitr.features.proposals`), chosen inside
+:func:`backbone_features` from the maps of the same forward pass. ``ImageBatch.given`` tells the two
+apart, and the boxes actually used are returned as ``region_boxes``.
+
 Regions and spatial maps are stored in float16 (:func:`as_stored`); features of arbitrary images
 pass through the same rounding, so a model scores a picture exactly as it scored it from the cache.
 """
@@ -29,6 +35,7 @@ from rsitr.data.dataset import RetrievalDataset
 from rsitr.data.images import load_image, normalize, resize_rgb, to_rgb
 from rsitr.errors import ConfigError
 from rsitr.features.detections import Detections, lookup, read_detections, select_boxes
+from rsitr.features.proposals import activation_boxes, proposal_levels
 from rsitr.features.roi import roi_align
 from rsitr.features.spec import LEVEL_KEYS, MAP_PREFIX, FeatureSpec, feature_dims, parse_maps
 from rsitr.precision import autocast
@@ -49,13 +56,17 @@ class ImageBatch:
 
     Attributes:
         images: (B, 3, S, S) float32, normalised with the backbone's mean and std.
-        boxes: (B, N_r, 4) float32 boxes in resized-image pixels.
+        boxes: (B, N_r, 4) float32 boxes in resized-image pixels (the grid where ``given`` is
+            False; :func:`backbone_features` replaces those under ``spec.boxes="activation"``).
         mask: (B, N_r) bool, False for padding boxes.
+        given: (B,) bool, True where the boxes are the image's own (a detections entry or boxes
+            passed by the caller), which every box source keeps.
     """
 
     images: Tensor
     boxes: Tensor
     mask: Tensor
+    given: Tensor
 
 
 def load_backbone(spec: FeatureSpec) -> Backbone:
@@ -75,15 +86,30 @@ def choose_boxes(entry: tuple[np.ndarray, np.ndarray] | None, original_size: tup
                         spec.image_size, spec.num_regions)
 
 
-def _batch(images: list[Tensor], boxes: list[Tensor], masks: list[Tensor], spec: FeatureSpec) -> ImageBatch:
+def has_usable_boxes(entry: tuple[np.ndarray, np.ndarray] | None, original_size: tuple[int, int]) -> bool:
+    """Whether :func:`choose_boxes` takes ``entry``'s boxes: one of them overlaps the image with some area.
+
+    Otherwise it falls back to the grid, and the image counts as having no boxes of its own.
+    """
+    if entry is None or len(entry[0]) == 0:
+        return False
+    w, h = original_size
+    boxes = np.asarray(entry[0], dtype=np.float64).reshape(-1, 4)
+    xs, ys = np.clip(boxes[:, [0, 2]], 0.0, w), np.clip(boxes[:, [1, 3]], 0.0, h)
+    return bool(((xs[:, 1] > xs[:, 0]) & (ys[:, 1] > ys[:, 0])).any())
+
+
+def _batch(images: list[Tensor], boxes: list[Tensor], masks: list[Tensor], given: list[bool],
+           spec: FeatureSpec) -> ImageBatch:
     info = backbone_info(spec.backbone)
-    return ImageBatch(normalize(torch.stack(images), info.mean, info.std), torch.stack(boxes), torch.stack(masks))
+    return ImageBatch(normalize(torch.stack(images), info.mean, info.std), torch.stack(boxes), torch.stack(masks),
+                      torch.tensor(given, dtype=torch.bool))
 
 
 def dataset_batch(dataset: RetrievalDataset, ids: Sequence[int], spec: FeatureSpec,
                   detections: Detections | None) -> ImageBatch:
     """Decode and resize dataset images ``ids`` and choose their boxes from ``detections``."""
-    images, boxes, masks = [], [], []
+    images, boxes, masks, given = [], [], [], []
     for i in ids:
         image, original_size = load_image(dataset.image_path(i), spec.image_size)
         entry = lookup(detections, dataset.image_files[i]) if detections is not None else None
@@ -91,7 +117,8 @@ def dataset_batch(dataset: RetrievalDataset, ids: Sequence[int], spec: FeatureSp
         images.append(image)
         boxes.append(b)
         masks.append(m)
-    return _batch(images, boxes, masks, spec)
+        given.append(has_usable_boxes(entry, original_size))
+    return _batch(images, boxes, masks, given, spec)
 
 
 def image_batch(images: Sequence[ImageInput], spec: FeatureSpec,
@@ -102,12 +129,12 @@ def image_batch(images: Sequence[ImageInput], spec: FeatureSpec,
     Args:
         images: paths, PIL images or arrays (see :data:`ImageInput`).
         boxes: per image, (k, 4) region boxes ``x1, y1, x2, y2`` in that image's original pixels,
-            or None for the built-in boxes (as an image without detections gets in a dataset).
+            or None for the boxes of ``spec.boxes`` (as an image without detections gets in a dataset).
         scores: per image, (k,) box scores (the best ``num_regions`` boxes are kept); None = all equal.
     """
     if boxes is not None and len(boxes) != len(images):
         raise ConfigError(f"{len(boxes)} box sets for {len(images)} images")
-    tensors, chosen, masks = [], [], []
+    tensors, chosen, masks, own = [], [], [], []
     for k, item in enumerate(images):
         picture = to_rgb(item)
         original_size = picture.size
@@ -120,7 +147,8 @@ def image_batch(images: Sequence[ImageInput], spec: FeatureSpec,
         b, m = choose_boxes(entry, original_size, spec)
         chosen.append(b)
         masks.append(m)
-    return _batch(tensors, chosen, masks, spec)
+        own.append(has_usable_boxes(entry, original_size))
+    return _batch(tensors, chosen, masks, own, spec)
 
 
 def _prefetched(dataset: RetrievalDataset, spec: FeatureSpec, detections: Detections | None,
@@ -142,7 +170,7 @@ def _prefetched(dataset: RetrievalDataset, spec: FeatureSpec, detections: Detect
 
 
 def backbone_features(model: Backbone, images: Tensor, boxes: Tensor, mask: Tensor, spec: FeatureSpec,
-                      precision: str | None = None) -> dict[str, Tensor]:
+                      precision: str | None = None, given: Tensor | None = None) -> dict[str, Tensor]:
     """The features of a batch of images, as :meth:`ImageFeatures.select` returns cached ones.
 
     This is the one feature computation: the cache runs it under :func:`torch.inference_mode`
@@ -156,11 +184,16 @@ def backbone_features(model: Backbone, images: Tensor, boxes: Tensor, mask: Tens
         mask: (B, N_r) bool, False for padding boxes (their features are zero).
         spec: which levels, maps and regions to compute.
         precision: ``"fp32"`` or ``"bf16"`` (CPU autocast of the backbone only); None = ``spec.precision``.
+        given: (B,) bool, True where ``boxes`` are the image's own and are kept whatever
+            ``spec.boxes`` says (see :class:`ImageBatch`). None: every image's boxes are its own
+            when ``spec.detections`` is set, and none are otherwise.
 
     Returns:
         float32 ``level1`` .. ``level4`` (B, C_l), ``map_<level>`` (B, C, s, s) for ``spec.maps``,
         ``regions`` (B, N_r, C_region) (zero width when ``num_regions`` is 0), and ``region_mask``
-        and ``region_boxes`` as given.
+        and ``region_boxes``: the mask and boxes the regions were pooled with (``boxes`` and
+        ``mask``, with the activation proposals, mask True, in place of the images' that are not
+        ``given`` under ``spec.boxes="activation"``).
     """
     images = images.contiguous(memory_format=torch.channels_last)
     with autocast(precision or spec.precision):
@@ -171,6 +204,8 @@ def backbone_features(model: Backbone, images: Tensor, boxes: Tensor, mask: Tens
     for level, size in parse_maps(spec.maps, spec.backbone):
         out[f"{MAP_PREFIX}{level}"] = F.adaptive_avg_pool2d(levels[names.index(level)], size)
     level_index = names.index(spec.region_level)
+    if spec.boxes == "activation" and spec.num_regions:
+        boxes, mask = _with_proposals(levels, boxes, mask, given, model, spec)
     if spec.num_regions == 0:
         out["regions"] = levels[level_index].new_zeros(images.shape[0], 0, levels[level_index].shape[1])
     else:
@@ -180,6 +215,22 @@ def backbone_features(model: Backbone, images: Tensor, boxes: Tensor, mask: Tens
         out["regions"] = pooled.mean(dim=(3, 4)) * mask.unsqueeze(-1).to(torch.float32)
     out["region_mask"], out["region_boxes"] = mask, boxes
     return out
+
+
+def _with_proposals(levels: list[Tensor], boxes: Tensor, mask: Tensor, given: Tensor | None, model: Backbone,
+                    spec: FeatureSpec) -> tuple[Tensor, Tensor]:
+    """``boxes`` and ``mask`` with the activation proposals of the images whose boxes are not their own."""
+    if given is None:
+        given = torch.full((boxes.shape[0],), spec.detections is not None, dtype=torch.bool)
+    given = given.to(boxes.device)
+    if bool(given.all()):
+        return boxes, mask
+    names = backbone_info(spec.backbone).level_names
+    level_index = names.index(spec.region_level)
+    proposed = activation_boxes([levels[i] for i in proposal_levels(names, spec.region_level)],
+                                model.level_strides[level_index], spec.image_size, spec.num_regions)
+    keep = given[:, None]
+    return torch.where(keep[..., None], boxes, proposed.to(boxes)), torch.where(keep, mask, True)
 
 
 def _stored_keys(features: dict[str, Tensor], spec: FeatureSpec) -> list[str]:
@@ -204,7 +255,7 @@ def as_read(features: dict[str, Tensor], spec: FeatureSpec) -> dict[str, Tensor]
 @torch.inference_mode()
 def features_of_images(backbone: Backbone, batch: ImageBatch, spec: FeatureSpec) -> dict[str, Tensor]:
     """Eval features of an :class:`ImageBatch`, exactly as a model reads them from the cache."""
-    return as_read(backbone_features(backbone, batch.images, batch.boxes, batch.mask, spec), spec)
+    return as_read(backbone_features(backbone, batch.images, batch.boxes, batch.mask, spec, given=batch.given), spec)
 
 
 def _allocate(n: int, spec: FeatureSpec) -> dict[str, Tensor]:
@@ -234,7 +285,8 @@ def compute_dataset_tensors(dataset: RetrievalDataset, spec: FeatureSpec, batch_
     start = time.perf_counter()
     with torch.inference_mode(), progress_bar(total=n, desc="features", unit="img", enabled=progress, leave=True) as bar:
         for rows, batch in _prefetched(dataset, spec, detections, batch_size):
-            result = as_stored(backbone_features(model, batch.images, batch.boxes, batch.mask, spec), spec)
+            result = as_stored(backbone_features(model, batch.images, batch.boxes, batch.mask, spec, given=batch.given),
+                               spec)
             for key in out:
                 out[key][rows.start:rows.stop] = result[key]
             bar.update(len(rows))

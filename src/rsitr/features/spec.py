@@ -1,6 +1,7 @@
 """What determines a set of image features (:class:`FeatureSpec`), and their sizes.
 
-A spec names the backbone and its weights, the input size, the region boxes and the spatial maps
+A spec names the backbone and its weights, the input size, the region boxes (their source:
+a detections file, the fixed grid or activation proposals) and the spatial maps
 a model asks for; :meth:`FeatureSpec.cache_key` digests everything that changes the features, so
 a cache file is reused only for exactly the features it holds. :func:`feature_dims` gives the
 channel counts a model needs to build itself, without building the backbone.
@@ -21,6 +22,7 @@ import numpy as np
 
 from rsitr.backbones import backbone_info
 from rsitr.errors import CheckpointError, ConfigError
+from rsitr.features.proposals import PROPOSALS_VERSION
 from rsitr.precision import check_precision
 
 if TYPE_CHECKING:
@@ -30,6 +32,8 @@ FEATURES_FORMAT = "rsitr-features-v2"
 LEVEL_KEYS = ("level1", "level2", "level3", "level4")
 TENSOR_KEYS = (*LEVEL_KEYS, "regions", "region_mask", "region_boxes")
 MAP_PREFIX = "map_"
+#: Where an image's region boxes come from when the detections file has no entry for it.
+BOX_SOURCES = ("grid", "activation")
 
 
 def default_cache_dir() -> str:
@@ -57,6 +61,10 @@ class FeatureSpec:
         seed: seed of the random init when ``weights`` is None.
         maps: spatial maps to keep, ``"level:size"`` entries (e.g. ``"layer4:8"``), each stored as
             ``map_<level>`` pooled to size × size.
+        boxes: the region boxes of an image without detections: ``"grid"``, the same fixed
+            multi-scale grid for every image (:func:`rsitr.features.roi.default_boxes`), or
+            ``"activation"``, detector-free proposals from the backbone's own maps in the same
+            forward pass (:mod:`rsitr.features.proposals`). A detections entry wins over either.
     """
 
     backbone: str = "resnet50"
@@ -69,6 +77,7 @@ class FeatureSpec:
     precision: str = "fp32"
     seed: int = 0
     maps: tuple[str, ...] = ()
+    boxes: str = "grid"
 
     def __post_init__(self) -> None:
         for name in ("weights", "detections"):
@@ -79,6 +88,8 @@ class FeatureSpec:
         if self.region_level not in info.level_names:
             raise ConfigError(f"region_level {self.region_level!r} is not one of {', '.join(info.level_names)}")
         check_precision(self.precision, "feature precision")
+        if self.boxes not in BOX_SOURCES:
+            raise ConfigError(f"feature boxes {self.boxes!r} is not one of {', '.join(BOX_SOURCES)}")
         object.__setattr__(self, "maps", tuple(str(m) for m in (self.maps or ())))
         parse_maps(self.maps, self.backbone)  # raises ConfigError on a bad entry
         for name, minimum in (("image_size", 32), ("num_regions", 0), ("roi_output_size", 1), ("seed", 0)):
@@ -105,7 +116,9 @@ class FeatureSpec:
         """SHA-256 hex digest of everything that changes the features of ``dataset``.
 
         Files enter by content, not path: moving a weights file keeps its cache valid, and
-        editing it in place invalidates it.
+        editing it in place invalidates it. The box source enters when it is not ``"grid"``
+        (with the proposals' version), so caches written before the field existed stay valid
+        for the grid and never serve another source.
         """
         weights = f"sha256:{file_sha256(self.weights)}" if self.weights else f"random-init-seed{self.seed}"
         detections = f"sha256:{file_sha256(self.detections)}" if self.detections else "default-boxes"
@@ -122,6 +135,8 @@ class FeatureSpec:
             "maps": list(self.maps),
             "image_files": list(dataset.image_files),
         }
+        if self.boxes != "grid":
+            parts["boxes"] = f"{self.boxes}:{PROPOSALS_VERSION}"
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
 
     def cache_path(self, dataset: RetrievalDataset, cache_dir: str | Path, key: str | None = None) -> Path:

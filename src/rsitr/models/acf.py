@@ -41,20 +41,25 @@ Choices where the paper is silent or ambiguous (each is a config field where it 
 * **Correction (Eq. 7–9).** Eq. 9 as printed divides ``(sim_g − p) α_ij`` by its own sum over j,
   which cancels the factor exactly and would make the unit a no-op, while the text says the
   local similarity is "proportionally amplified" when sim_g is large and "diminished" when it is
-  small. We keep the factor: Eq. 9 normalises by the sum of the uncorrected weights, so
-  ``α' = (sim_g − p) α`` (row mass sim_g − p: positive above p, zero at p, negative below).
-  Because the cosine R of Eq. 14 ignores the length of an attended vector, the mass is applied to
-  the score: every local term is ``(sim_g − p) · cos(fragment, attended counterpart)``, with the
-  counterpart attended by the filtered weights renormalised to one. ``correction=False`` (M3 off)
-  uses α' = α, i.e. a factor of 1.
-* **Filtering (Eq. 10–11).** Eq. 10 keeps a weight when ``|α'_ij − max_j α'_ij| < q``
-  (``filter_rule="difference"``, default); the text calls q a "ratio" threshold, which
-  ``filter_rule="ratio"`` implements as ``α'_ij ≥ q · max_j α'_ij``. Both use magnitudes |α'|,
-  which equals Eq. 10 whenever sim_g ≥ p and keeps the most-attended fragments (not the least)
-  when the correction made the weights negative. Eq. 11 as printed multiplies the kept weights
-  by H(α') = α' again, i.e. renormalises their squares (``filter_reweight=True``, default);
-  ``filter_reweight=False`` renormalises the kept weights themselves. Padding is never kept.
-  ``filtering=False`` is ablation M4 off.
+  small. We keep both: α' of Eq. 9 is what the equation gives, the unit-mass weights
+  ``α' = (sim_g − p) α / Σ_j (sim_g − p) α = α / Σ_j α`` (the limit at sim_g = p), and the factor
+  the text describes, ``sim_g − p`` (positive above p, zero at p, negative below), is kept as the
+  mass of the corrected attention. Because the cosine R of Eq. 14 ignores the length of an
+  attended vector, that mass is applied to the score: every local term is
+  ``(sim_g − p) · cos(fragment, attended counterpart)``. ``correction=False`` (M3 off) uses a
+  factor of 1.
+* **Filtering (Eq. 10–11)** acts on α' of Eq. 9, the unit-mass weights, so q is a threshold on
+  the shape of the attention and does not depend on sim_g: with ``q = 0.1`` a weight survives
+  when it is within 0.1 of the fragment's largest weight, for a well-matched pair, for one with
+  sim_g = p and for one below p alike. (Filtering the weights scaled by ``sim_g − p`` instead
+  would shrink every difference with the factor: near sim_g = p nothing would be filtered, and
+  q would filter differently at every global similarity.) Eq. 10 keeps a weight when
+  ``|α'_ij − max_j α'_ij| < q`` (``filter_rule="difference"``, default); the text calls q a
+  "ratio" threshold, which ``filter_rule="ratio"`` implements as ``α'_ij ≥ q · max_j α'_ij``.
+  Eq. 11 as printed multiplies the kept weights by H(α') = α' again, i.e. renormalises their
+  squares (``filter_reweight=True``, default); ``filter_reweight=False`` renormalises the kept
+  weights themselves. Padding is never kept. ``filtering=False`` is ablation M4 off; the
+  attended counterparts then use α' = α.
 * **Score (Eq. 14)** is ``R(v_i, a^t_i)`` averaged over the k regions plus ``R(a^v_j, w_j)``
   averaged over the m valid words (the printed ``R(v_i, v_i)`` is read as the former). Padded
   words take no part.
@@ -140,19 +145,22 @@ def _norm(x: torch.Tensor, dim: int = -1, keepdim: bool = True) -> torch.Tensor:
     return _sqrt(x.square().sum(dim=dim, keepdim=keepdim))
 
 
-def correct_attention(weights: torch.Tensor, global_sim: torch.Tensor, p: float, dim: int = -1) -> torch.Tensor:
-    """Eq. 8–9: scale attention by ``sim_g − p``, normalised by the uncorrected row sum.
+def correct_attention(weights: torch.Tensor, global_sim: torch.Tensor, p: float,
+                      dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 8–9: the corrected weights α' and the correction's mass ``sim_g − p``.
 
     Args:
-        weights: attention weights α (non-negative, normalised along ``dim``).
+        weights: attention weights α (non-negative along ``dim``).
         global_sim: sim_g of Eq. 7, broadcastable to ``weights`` (one value per pair).
         p: the correction threshold.
 
     Returns:
-        ``(sim_g − p) · α / Σ_dim α``: amplified above p, zero at p, negative below (see the module
-        docstring for why the printed normalisation by the corrected sum is not used).
+        ``(α', mass)``: α' = α / Σ_dim α, what Eq. 9 gives for any sim_g (the factor of Eq. 8
+        cancels; at sim_g = p this is the limit), which Eq. 10–11 filter; and ``sim_g − p``,
+        the factor the paper's text describes, which :class:`AttentionScorer` applies to the
+        score (see the module docstring).
     """
-    return (global_sim - p) * weights / weights.sum(dim=dim, keepdim=True).clamp(min=_EPS)
+    return weights / weights.sum(dim=dim, keepdim=True).clamp(min=_EPS), global_sim - p
 
 
 def filter_attention(weights: torch.Tensor, q: float, dim: int = -1, valid: torch.Tensor | None = None,
@@ -160,23 +168,22 @@ def filter_attention(weights: torch.Tensor, q: float, dim: int = -1, valid: torc
     """Eq. 10–11: drop weak attention weights and renormalise the rest to sum to one along ``dim``.
 
     Args:
-        weights: (corrected) attention weights α'; their magnitudes are compared.
-        q: the filtering threshold.
+        weights: the corrected weights α' of Eq. 9 (non-negative, unit mass along ``dim``).
+        q: the filtering threshold, on the scale of those weights.
         valid: bool mask broadcastable to ``weights``; invalid positions (padding) count as zero
             weight, so they never keep any mass.
-        rule: ``"difference"`` keeps ``max − |α'| < q`` (Eq. 10); ``"ratio"`` keeps ``|α'| ≥ q·max``.
-        reweight: Eq. 11 as printed, kept weights multiplied by H(α') = |α'| (squared) before
+        rule: ``"difference"`` keeps ``max − α' < q`` (Eq. 10); ``"ratio"`` keeps ``α' ≥ q·max``.
+        reweight: Eq. 11 as printed, kept weights multiplied by H(α') = α' (squared) before
             renormalising; False renormalises the kept weights themselves.
 
     Returns:
         Non-negative weights summing to one along ``dim`` (the largest weight is always kept).
     """
-    magnitude = weights.abs()
     if valid is not None:
-        magnitude = magnitude * valid.to(magnitude.dtype)
-    peak = magnitude.amax(dim=dim, keepdim=True)
-    keep = (peak - magnitude < q) if rule == "difference" else (magnitude >= q * peak)
-    kept = torch.where(keep, magnitude * magnitude if reweight else magnitude, torch.zeros_like(magnitude))
+        weights = weights * valid.to(weights.dtype)
+    peak = weights.amax(dim=dim, keepdim=True)
+    keep = (peak - weights < q) if rule == "difference" else (weights >= q * peak)
+    kept = torch.where(keep, weights * weights if reweight else weights, torch.zeros_like(weights))
     return kept / kept.sum(dim=dim, keepdim=True).clamp(min=_EPS)
 
 
@@ -288,14 +295,16 @@ class AttentionScorer:
                valid: torch.Tensor | None) -> torch.Tensor:
         """Correction (Eq. 8–9) then filtering (Eq. 10–11) of weights α along ``dim``.
 
-        Returns unit-mass weights; the correction's mass ``sim_g − p`` is applied to the score by
-        :meth:`score`. Without filtering that leaves α itself.
+        Returns unit-mass weights that do not depend on ``global_sim``: the filter reads α' of
+        Eq. 9, and the correction's mass ``sim_g − p`` is applied to the score by :meth:`score`.
+        Without filtering that leaves α itself.
         """
         c = self.config
         if not c.filtering:
             return weights
-        corrected = correct_attention(weights, global_sim, c.p, dim) if c.correction else weights
-        return filter_attention(corrected, c.q, dim, valid, c.filter_rule, c.filter_reweight)
+        if c.correction:
+            weights, _ = correct_attention(weights, global_sim, c.p, dim)
+        return filter_attention(weights, c.q, dim, valid, c.filter_rule, c.filter_reweight)
 
     def score(self, image: _ImageTile, text: _TextTile) -> torch.Tensor:
         """(b, t) pair scores R(I, T) of Eq. 14, times the correction factor when it is on."""

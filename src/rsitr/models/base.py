@@ -32,14 +32,12 @@ class TrainingCorpus:
         captions: raw text of every caption of the dataset (index = dataset caption id).
         caption_image: dataset image id of every caption.
         train_caption_ids: caption ids of the training split (the only ones a model may fit on).
-        keywords: per-caption keyword lists when the dataset has them, else None.
         vocab: the run's :class:`rsitr.text.Vocabulary`.
     """
 
     captions: list[str]
     caption_image: np.ndarray
     train_caption_ids: np.ndarray
-    keywords: list[list[str]] | None
     vocab: Any
 
 

@@ -35,6 +35,34 @@ Choices where the paper is silent or ambiguous (each is a config field where it 
   Eq. 1 and 2; the paper's linear layers are unchanged.
 * **Loss.** Eq. 30 sums the hinge over the negatives of each positive pair; we average over the
   positive pairs of the batch. Captions of the same image are not negatives.
+* **Test-time score** (``test_score``). The paper never writes the retrieval score down; what it
+  does say points to the final pair alone, ``S(V_MR, T_RG)`` with S the cosine of Eq. 30, which
+  is the default ``test_score="final"``:
+
+  - Sec. III-D introduces Eq. 29 "to obtain the final visual and textual embeddings" and derives
+    V_MR and T_RG from F_MR (Eq. 22) and F_RG (Eq. 28); Eq. 31 calls L(V_MR, T_RG) "the final
+    ranking loss" and L(V_M, T_G) "the global visual-semantic constraint", added "to ensure that
+    the original visual and textual semantics remain unchanged" and serving "as an external
+    constraint for the final visual and textual representations" (also Sec. I, fourth
+    contribution). A constraint on the final embeddings is a training term, not a second score.
+  - Sec. IV-F-2 (Fig. 9) measures d(V_MR, T_RG) as the distance between "the final visual
+    embedding and the text embedding" and says V_M and T_G "serve as an external global
+    visual-semantic constraint that holds the distance between the final visual and textual
+    embeddings"; Fig. 10 plots the final embeddings as what is matched.
+  - λ_g appears only in Eq. 31, and Sec. IV-C-1 / Fig. 6 explain its effect as the strength of the
+    constraint ("the global visual-semantic constraint effect is enhanced"); no test-time weight
+    of the global pair is given anywhere.
+
+  The one phrase that could be read otherwise is Sec. I's "external constraint ... in similarity
+  measurement", which names the part of Fig. 2 that holds both losses. ``"final+global"`` is the
+  alternative reading, ``cos(V_MR, T_RG) + cos(V_M, T_G)``: the two cosines with weight 1, not
+  λ_g. λ_g scales a loss gradient in Eq. 31 and was tuned for training (Fig. 6: 10); at test time
+  it would put ten times the weight on the global cosine, ranking almost by V_M / T_G alone, and
+  tie the ranking to the parameter the ``dove-lambda`` study varies. Both cosines lie in [-1, 1],
+  so equal weights treat them as equal evidence. The training loss (Eq. 31) is the same in both
+  settings; validation, which picks the checkpoint, ranks with the same score as the test. The
+  global term is a cosine of two embeddings that each depend on one item, so the score stays
+  pairwise-correct. The ``dove-test-score`` study compares the two settings.
 """
 
 from __future__ import annotations
@@ -61,6 +89,7 @@ from rsitr.models.layers import (
 from rsitr.models.registry import register_architecture
 
 DTGA_INPUTS = ("fb", "ff", "bb", "mean", "none")
+TEST_SCORES = ("final", "final+global")
 
 
 @dataclass
@@ -79,10 +108,13 @@ class DoveConfig:
     margin: float = 0.2  # α of Eq. 30
     lambda_g: float = 10.0  # λ_g of Eq. 31
     pair_block: int = 8192  # pairs per IGA tile (speed and memory only; results do not depend on it)
+    test_score: str = "final"  # ranking score: final = cos(V_MR, T_RG) (Sec. III-D); final+global adds cos(V_M, T_G) with weight 1
 
     def __post_init__(self) -> None:
         if self.dtga not in DTGA_INPUTS:
             raise ValueError(f"dtga must be one of {DTGA_INPUTS}, got {self.dtga!r}")
+        if self.test_score not in TEST_SCORES:
+            raise ValueError(f"test_score must be one of {TEST_SCORES}, got {self.test_score!r}")
         for name in ("ifa_head", "iga_head"):
             if getattr(self, name) not in ("linear", "nonlinear"):
                 raise ValueError(f"{name} must be 'linear' or 'nonlinear', got {getattr(self, name)!r}")
@@ -270,15 +302,23 @@ class DOVE(RetrievalModel):
         words = states.words() if self.dtga is None else self.dtga(*states.directions(), states.mask)  # Eq. 5
         return {"global": masked_mean(words, states.mask)}  # T_G = E_G (Eq. 23, 29)
 
-    def similarity(self, images: Encoding, texts: Encoding) -> torch.Tensor:
+    def final_scores(self, images: Encoding, texts: Encoding) -> torch.Tensor:
+        """cos(V_MR, T_RG) of every pair: the final pair of Eq. 31 (T_G in place of T_RG without IGA)."""
         if self.iga is None:
             return cosine_matrix(images["visual"], texts["global"])
         return self.iga.pair_scores(images["region_mean"], texts["global"], images["visual"])
+
+    def similarity(self, images: Encoding, texts: Encoding) -> torch.Tensor:
+        """The ranking score of ``test_score``: the final cosine, plus cos(V_M, T_G) for ``final+global``."""
+        scores = self.final_scores(images, texts)
+        if self.config.test_score == "final+global":
+            scores = scores + cosine_matrix(images["global"], texts["global"])
+        return scores
 
     def training_loss(self, features, tokens, lengths, image_ids, caption_ids=None, **extras) -> dict[str, torch.Tensor]:
         images = self.encode_image(features)
         texts = self.encode_text(tokens, lengths)
         same = same_image_mask(image_ids)
-        final = triplet_ranking_loss(self.similarity(images, texts), same, self.config.margin)
+        final = triplet_ranking_loss(self.final_scores(images, texts), same, self.config.margin)
         constraint = triplet_ranking_loss(cosine_matrix(images["global"], texts["global"]), same, self.config.margin)
         return {"loss": final + self.config.lambda_g * constraint, "final": final.detach(), "global": constraint.detach()}

@@ -4,11 +4,12 @@ VSE++ is the separable baseline of this package: an image and a caption are embe
 independently into a joint space and scored by cosine similarity.
 
 * **Image** (Sec. 3, f(i) = W_f^T φ(i)): φ(i) is the global feature of the frozen CNN, here the
-  pooled output of the last ResNet stage (``level4``, 2048 channels for ResNet-50), standardised
-  per channel, then one linear layer W_f to the joint space and L2 normalisation.
-* **Caption** (Sec. 3, g(c) = W_g^T ψ(c)): word embeddings → GRU; ψ(c) is the hidden state after
-  the last true word of the caption, L2-normalised. The GRU width is the joint size, so W_g is
-  folded into the GRU as in the authors' setup.
+  pooled output of the last ResNet stage (``level4``, 2048 channels for ResNet-50; the paper's
+  ResNet feature is the pooled final layer of a ResNet-152), standardised per channel, then one
+  linear layer W_f to the joint space and L2 normalisation. Only this one feature is read.
+* **Caption** (Sec. 3, g(c) = W_g^T ψ(c)): word embeddings → unidirectional GRU; ψ(c) is the
+  hidden state after the last true word of the caption, L2-normalised. The GRU width is the joint
+  size, so W_g is folded into the GRU as in the authors' setup.
 * **Score**: s(i, c) = f(i) · g(c), the cosine of the two unit vectors.
 * **Loss** (Sec. 3.1): the max-of-hinges loss ℓ_MH, i.e. the bidirectional triplet loss that keeps
   only the hardest negative caption of each image and the hardest negative image of each caption,
@@ -22,6 +23,13 @@ Choices where the paper is silent or where this package differs (config fields w
 * **Bidirectional GRU** (``bidirectional``, default False as in VSE++): when enabled, the two
   directions are averaged, both per word and for the final state (forward state after the last
   word, backward state after the first word), so the width stays ``embed_dim``.
+* **Two shipped configs.** ``vsepp`` is VSE++ as its paper describes it (the fields above at
+  their defaults, 1024-d). DOVE Table I re-implements VSE++ "with the same image encoder and text
+  encoder as our model" (DOVE Sec. IV-D); ``vsepp-dove-encoders`` comes as close to that as this
+  model can: d = 512, bidirectional GRU, ``text_pooling="mean"`` (then the caption is DOVE's T_G
+  without DTGA, Table III's "w/o DTGA"). It keeps the single pooled ``level4`` feature, where
+  DOVE's image encoder is the four-stage MSV (Eq. 1) with RoI regions (Eq. 2) and IFA, and has no
+  DTGA; DOVE Table I does not say which of its parts the re-implementation used.
 * **Pooling** (``text_pooling``): ``"last"`` is VSE++'s final hidden state at the true length
   (read from the packed GRU, so padding never enters); ``"mean"`` averages the per-word outputs
   over the true length instead.
@@ -31,8 +39,10 @@ Choices where the paper is silent or where this package differs (config fields w
 * **Loss reduction**: hinges are averaged over the positive pairs of a batch (the paper sums
   them), so the learning rate does not depend on the batch size; captions of the same image are
   never negatives of each other.
-* Training settings of the paper (Adam, lr 2e-4 dropped to 2e-5, batch 128, gradient clipping at
-  2) belong to the run configuration, not to the model.
+* Training settings of the paper (Adam, lr 2e-4 for 15 epochs then 2e-5 for 15, batch 128;
+  ``reference.train`` of ``vsepp.yaml``) belong to the run configuration, not to the model. The
+  gradient-norm clipping at 2 is in the authors' released training script (``--grad_clip``), not
+  in the paper's text; the trainer's ``train.grad_clip`` (see ``docs/models.md``) plays its role.
 """
 
 from __future__ import annotations
