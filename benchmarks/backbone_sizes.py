@@ -10,8 +10,9 @@ data instead of guessed.
 
     python benchmarks/backbone_sizes.py PRETRAIN_DIR DATASET [--sizes 112,128,160,224,256]
 
-``PRETRAIN_DIR`` is an ``rsitr pretrain`` output folder; ``DATASET`` the data it was trained on
-(the same validation split is used).
+``PRETRAIN_DIR`` is an ``rsitr pretrain`` output folder; ``DATASET`` the data it was trained on.
+``--val-split none`` scores the held-out share of train that ``rsitr pretrain --val-split none``
+used (the retrieval runs' selection split); choose the size there, not on a split you report.
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ def main() -> None:
     parser.add_argument("dataset")
     parser.add_argument("--sizes", default="112,128,144,160,192,224,256")
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    parser.add_argument("--val-split", default="val", help="split to score; none = the held-out share of train")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="held-out share with --val-split none")
     args = parser.parse_args()
     folder = Path(args.pretrain_dir)
     if not (folder / BACKBONE_JSON).is_file():
         raise ConfigError(f"{folder}: no {BACKBONE_JSON}; give an rsitr pretrain output folder")
     description = json.loads((folder / BACKBONE_JSON).read_text(encoding="utf-8"))
-    data = load_classification_data(args.dataset)
+    data = load_classification_data(args.dataset, val_fraction=args.val_fraction,
+                                    val_split=None if args.val_split.lower() == "none" else args.val_split)
     if list(data.classes) != description["classes"]:
         raise ConfigError(f"{args.dataset}: its classes differ from those {folder} was trained on")
     config = PretrainConfig(backbone=description["backbone"], image_size=description["image_size"],

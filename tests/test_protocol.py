@@ -52,6 +52,15 @@ def test_carve_selection_is_seeded_stratified_and_touches_only_train() -> None:
         carve_selection(dataset, 0.2, name="val")
 
 
+def test_block_carve_takes_the_last_images_of_each_class() -> None:
+    dataset = _labelled()
+    carved = carve_selection(dataset, 0.2, mode="block")
+    assert sorted(carved.image_files[i] for i in carved.split_indices("select")) == [
+        f"{name}_{k:02d}.png" for name in ("beach", "forest", "port") for k in (8, 9)]
+    with pytest.raises(ConfigError, match="carve mode"):
+        carve_selection(dataset, 0.2, mode="stripes")
+
+
 def test_carved_selection_split_is_the_pretraining_hold_out() -> None:
     """A backbone pretrained with --val-split none --val-fraction f --seed s never saw the selection images' labels."""
     dataset = _labelled(n_per_class=20)

@@ -13,7 +13,7 @@ from rsitr.errors import CheckpointError, ConfigError
 from rsitr.text import Vocabulary
 from rsitr_cli.main import main
 from rsitr_train.config import load_config
-from rsitr_train.runs import CHECKPOINT, evaluate_run, load_run
+from rsitr_train.runs import CHECKPOINT, evaluate_run, load_run, result_table
 from rsitr_train.trainer import train
 
 
@@ -105,6 +105,8 @@ def test_evaluation_does_not_depend_on_the_encoding_chunk(tiny_synth, tmp_path, 
     saved = json.loads((tmp_path / "eval5.json").read_text())
     assert saved["split"] == "test" and saved["metrics"] == results[1]["metrics"]
     assert saved["selection_split"] == "val" and saved["optimistic"] is False
+    on_selection = evaluate_run(run, "val", tmp_path / "eval_val.json", progress=False)
+    assert on_selection["optimistic"] is True and "optimistic" in result_table(on_selection)
     assert saved["n_distinct_texts"] < saved["n_captions"]  # the synthetic captions repeat, so ties occur
     assert saved["chance"]["t2i_r1"] == pytest.approx(100 / saved["n_images"])
 

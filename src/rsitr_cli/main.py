@@ -228,7 +228,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     data = load_classification_data(args.path, val_fraction=args.val_fraction, seed=args.seed,
                                     train_split=args.train_split,
-                                    val_split=None if args.val_split.lower() == "none" else args.val_split)
+                                    val_split=None if args.val_split.lower() == "none" else args.val_split,
+                                    hold_out=args.hold_out)
     print(data.summary())
     values = {"backbone": args.backbone, "image_size": args.image_size, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "precision": args.precision,
@@ -374,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--train-split", default="train", help="for a retrieval dataset: the split whose labels train")
     pre.add_argument("--val-split", default="val", help="for a retrieval dataset: the split that validates; none holds out --val-fraction of "
                      "the train split per class (seeded by --seed), as the carved selection split does")
+    pre.add_argument("--hold-out", default="random", choices=["random", "block"],
+                     help="with --val-split none: which images of each class are held out (block: the last ones, "
+                          "as data.selection_mode: block carves them)")
     pre.set_defaults(func=cmd_pretrain)
 
     salient = sub.add_parser("salient", parents=[quiet], help="AMFMN salient masks (Fig. 10) of a trained run over images of a split")

@@ -42,6 +42,7 @@ class DataConfig:
     train_split: str = "train"  # split used for training
     val_split: str = "val"  # the selection split: chooses the best epoch (never the reported split)
     selection_fraction: float = 0.0  # > 0: carve val_split out of train_split, this share of each scene class, seeded by split_seed (for train/val-only datasets; val_split must be a new name, e.g. select)
+    selection_mode: str = "random"  # random | block: how the carve picks each class's images (block: the last ones in dataset order, as UCM/Sydney cut val)
     resplit: list[str] = field(default_factory=list)  # splits whose images are pooled and dealt out again at random, sizes kept, seeded by split_seed (DOVE Sec. IV-A: [train, val])
     split_seed: int = 0  # seed of selection_fraction and resplit
     exclude: str | None = None  # audit JSON (rsitr data audit) whose listed training items are dropped

@@ -151,6 +151,14 @@ def backbone_parameters(name: str) -> int:
     return _BACKBONE_PARAMETERS[name]
 
 
+def _same_run_config(saved: Any, config: RunConfig) -> bool:
+    """Whether a saved config dict describes ``config``; keys it lacks take their defaults."""
+    try:
+        return isinstance(saved, dict) and config_from_dict(copy.deepcopy(saved)).to_dict() == config.to_dict()
+    except (ConfigError, TypeError):
+        return False
+
+
 def run_variant(config: RunConfig, run_dir: Path, label: str, split: str, progress: bool = True) -> RunResult:
     """Train ``config`` in ``run_dir`` (resuming) and evaluate its best checkpoint on ``split``.
 
@@ -165,7 +173,7 @@ def run_variant(config: RunConfig, run_dir: Path, label: str, split: str, progre
     result_path = run_dir / RESULT_FILE
     if result_path.is_file():
         saved = json.loads(result_path.read_text(encoding="utf-8"))
-        if saved.get("config") == config.to_dict() and saved.get("split") == split:
+        if _same_run_config(saved.get("config"), config) and saved.get("split") == split:
             logger.info(f"{label} seed {config.train.seed}: reusing finished run {run_dir}")
             return RunResult(**saved["result"])
     started = time.perf_counter()

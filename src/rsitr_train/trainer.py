@@ -137,7 +137,7 @@ def run_dataset(config: RunConfig, splits: Path | None = None) -> RetrievalDatas
             dataset = reallocate(dataset, data.resplit, data.split_seed)
         if data.selection_fraction:
             dataset = carve_selection(dataset, float(data.selection_fraction), data.split_seed,
-                                      source=data.train_split, name=data.val_split)
+                                      source=data.train_split, name=data.val_split, mode=data.selection_mode)
     if data.exclude:
         dataset = _exclude(dataset, data.exclude, data.train_split)
     return dataset

@@ -269,15 +269,19 @@ def scene_classification_data(dataset: RetrievalDataset, train_split: str = "tra
 
 
 def load_classification_data(path: str | Path, val_fraction: float = 0.2, seed: int = 0, train_split: str = "train",
-                             val_split: str | None = "val") -> ClassificationData:
+                             val_split: str | None = "val", hold_out: str = "random") -> ClassificationData:
     """Labelled images from ``path``: a retrieval dataset with scene labels, or else an ImageFolder tree.
 
     A path that :func:`rsitr.data.loader.detect_layout` recognises (Karpathy json, precomp, PIR)
-    goes through :func:`scene_classification_data` with ``train_split``/``val_split`` (a missing
-    val split falls back to a held-out ``val_fraction``); any other folder is read by
-    :func:`load_imagefolder` with ``val_fraction`` and ``seed``.
+    goes through :func:`scene_classification_data` with ``train_split``/``val_split``. A missing
+    val split (or ``val_split=None``) holds out ``val_fraction`` of each class of train by
+    :func:`rsitr.data.splits.carve_selection` with ``seed`` and ``hold_out`` (``random`` or
+    ``block``): exactly the selection split a retrieval run carves with the same share, seed and
+    mode, so the backbone never sees the labels of the images that later choose the retrieval
+    model's epoch. Any other folder is read by :func:`load_imagefolder` with ``val_fraction`` and ``seed``.
     """
     from rsitr.data.loader import detect_layout, load_dataset
+    from rsitr.data.splits import carve_selection
 
     path = Path(path)
     try:
@@ -287,6 +291,7 @@ def load_classification_data(path: str | Path, val_fraction: float = 0.2, seed: 
             return load_imagefolder(path, val_fraction=val_fraction, seed=seed)
         raise
     dataset = load_dataset(path)
-    if val_split is not None and val_split not in dataset.splits():
-        val_split = None
+    if val_split is None or val_split not in dataset.splits():
+        dataset = carve_selection(dataset, val_fraction, seed, source=train_split, name="select", mode=hold_out)
+        val_split = "select"
     return scene_classification_data(dataset, train_split, val_split, val_fraction=val_fraction, seed=seed)

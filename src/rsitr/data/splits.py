@@ -35,13 +35,23 @@ from rsitr.io import read_json, write_json
 ASSIGNMENT_FORMAT = "rsitr-splits-v1"
 
 
+CARVE_MODES = ("random", "block")
+
+
 def carve_selection(dataset: RetrievalDataset, fraction: float, seed: int = 0, source: str = "train",
-                    name: str = "select") -> RetrievalDataset:
-    """A copy of ``dataset`` where a seeded ``fraction`` of ``source`` images form split ``name``.
+                    name: str = "select", mode: str = "random") -> RetrievalDataset:
+    """A copy of ``dataset`` where a ``fraction`` of ``source`` images form split ``name``.
 
     Stratified by scene label when the dataset has labels (each class gives ``round(n * fraction)``
     of its ``n`` images, at least one, never all); otherwise drawn from all of ``source``.
+    ``mode="random"`` draws the images of each class with ``seed``; ``mode="block"`` takes the
+    *last* images of each class in dataset order, the way the UCM-Captions and Sydney releases cut
+    val and test (a run of consecutive image numbers per class). Consecutive images of such
+    datasets are often neighbouring tiles of one scene, so a random carve leaves near-twins of the
+    selection images in train and makes the selection split easier than val; a block does not.
     """
+    if mode not in CARVE_MODES:
+        raise ConfigError(f"the selection split's carve mode must be one of {', '.join(CARVE_MODES)}, got {mode!r}")
     if not 0 < fraction < 1:
         raise ConfigError(f"the selection split's share of {source!r} must be in (0, 1), got {fraction}")
     if name in dataset.splits():
@@ -54,11 +64,25 @@ def carve_selection(dataset: RetrievalDataset, fraction: float, seed: int = 0, s
         labels = [index[dataset.scene_labels[i]] for i in source_ids]
     else:
         labels = [0] * len(source_ids)
-    _, held = stratified_split(labels, fraction, seed)
+    if mode == "random":
+        _, held = stratified_split(labels, fraction, seed)
+    else:
+        held = _last_of_each_class(labels, fraction)
     splits = list(dataset.image_splits)
     for k in held:
         splits[source_ids[k]] = name
     return dataclasses.replace(dataset, image_splits=splits)
+
+
+def _last_of_each_class(labels: Sequence[int], fraction: float) -> list[int]:
+    """Positions of the last ``round(n * fraction)`` items (at least one, never all) of each class."""
+    held: list[int] = []
+    positions = np.asarray(labels, dtype=np.int64)
+    for label in np.unique(positions):
+        members = np.flatnonzero(positions == label)
+        count = min(max(1, round(len(members) * fraction)), len(members) - 1)
+        held += members[len(members) - count :].tolist()
+    return sorted(held)
 
 
 def reallocate(dataset: RetrievalDataset, splits: Sequence[str], seed: int) -> RetrievalDataset:
