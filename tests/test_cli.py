@@ -21,6 +21,9 @@ def test_synth_info_features_models(tmp_path, capsys):
     assert main(args) == 0
     assert "loaded from the cache" in capsys.readouterr().out
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert main([*args, "--boxes", "activation"]) == 0  # another box source is another cache file
+    assert "extracted" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
     assert main(["models"]) == 0
     listing = capsys.readouterr().out

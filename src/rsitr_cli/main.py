@@ -140,7 +140,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     dataset = load_dataset(args.path, layout=args.layout, image_dir=args.images)
     spec = FeatureSpec(backbone=args.backbone, weights=args.backbone_weights, image_size=args.image_size,
-                       detections=args.detections, precision=args.precision)
+                       detections=args.detections, precision=args.precision, boxes=args.boxes)
     cache_dir = Path(args.cache_dir or default_cache_dir())
     cached = spec.cache_path(dataset, cache_dir).is_file()
     started = time.perf_counter()
@@ -312,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     feats.add_argument("--backbone", default="resnet50")
     feats.add_argument("--backbone-weights")
     feats.add_argument("--detections")
+    feats.add_argument("--boxes", default="grid", choices=["grid", "activation"],
+                       help="region boxes of images without detections: the fixed grid or activation proposals")
     feats.add_argument("--image-size", type=int, default=256)
     feats.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     feats.add_argument("--batch-size", type=int, default=32)
