@@ -316,3 +316,24 @@ def test_training_drops_the_items_an_audit_file_lists(tiny_synth, tmp_path) -> N
     assert len(train_captions) < sum(len(dataset.captions_of(i)) for i in train_ids)
     for split in ("val", "test"):
         assert kept.split(split).captions == dataset.split(split).captions
+
+
+def test_exclusions_can_be_restricted_to_the_evaluation_split(tiny_synth, tmp_path, capsys) -> None:
+    """``--exclude-against``: an entry that collides only with another split is kept in training."""
+    dataset = load_dataset(tiny_synth)
+    image_out = dataset.image_files[dataset.split_indices("train")[0]]
+    path = tmp_path / "audit.json"
+    path.write_text(json.dumps({"exclusions": {"images": [
+        {"dataset": dataset.name, "image": image_out, "conflicts": ["other/test"]}]}}))
+    base = [f"data.path={tiny_synth}", f"features.cache_dir={tmp_path / 'cache'}", "features.image_size=64",
+            "model.name=dove-s", f"data.exclude={path}"]
+    train_files = lambda prepared: {prepared.dataset.image_files[i] for i in prepared.dataset.split_indices("train")}  # noqa: E731
+    assert image_out not in train_files(prepare(load_config(None, base), progress=False))
+    kept = prepare(load_config(None, [*base, "data.exclude_against=[synth/test]"]), progress=False)
+    assert image_out in train_files(kept)
+    run = tmp_path / "run"
+    assert main(["--quiet", "train", "--dataset", str(tiny_synth), "--model", "dove-s", "--epochs", "1",
+                 "--cache-dir", str(tmp_path / "cache"), "--set", "features.image_size=64", "--exclude", str(path),
+                 "--exclude-against", "other/test", "--out", str(run)]) == 0
+    assert image_out not in json.loads((run / SPLITS_FILE).read_text())["splits"]["train"]
+    capsys.readouterr()

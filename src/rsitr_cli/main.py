@@ -32,6 +32,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--glove", help="GloVe vectors text file for the word embedding")
     parser.add_argument("--cache-dir", help="feature cache folder")
     parser.add_argument("--exclude", help="audit JSON (rsitr data audit) whose training items are dropped (sets data.exclude)")
+    parser.add_argument("--exclude-against", help="comma-separated evaluation splits (rsitmd/test, or a dataset name): "
+                                                  "drop only what collides with them (sets data.exclude_against)")
     parser.add_argument("--train-backbone", action="store_true", default=None,
                         help="train the backbone end to end with the model (sets train.train_backbone; slower, augments images)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field")
@@ -44,6 +46,8 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
         ("train.seed", args.seed), ("features.backbone_weights", args.backbone_weights),
         ("features.detections", args.detections), ("text.glove", args.glove), ("features.cache_dir", args.cache_dir),
         ("data.exclude", args.exclude),
+        ("data.exclude_against", None if args.exclude_against is None  # a list: YAML reads its repr as a flow sequence
+         else [part.strip() for part in args.exclude_against.split(",") if part.strip()]),
         ("train.train_backbone", True if args.train_backbone else None),
     ]
     return [f"{key}={json.dumps(value) if isinstance(value, str) else value}" for key, value in pairs if value is not None] + list(args.set)

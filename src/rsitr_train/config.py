@@ -46,12 +46,15 @@ class DataConfig:
     resplit: list[str] = field(default_factory=list)  # splits whose images are pooled and dealt out again at random, sizes kept, seeded by split_seed (DOVE Sec. IV-A: [train, val])
     split_seed: int = 0  # seed of selection_fraction and resplit
     exclude: str | None = None  # audit JSON (rsitr data audit) whose listed training items are dropped
+    exclude_against: list[str] = field(default_factory=list)  # only the exclusions that collide with these evaluation splits ("rsitmd/test", or a dataset name); empty = all
 
     def __post_init__(self) -> None:
         if not 0 <= float(self.selection_fraction) < 1:
             raise ConfigError(f"data.selection_fraction must be in [0, 1), got {self.selection_fraction!r}")
-        if not isinstance(self.resplit, list) or not all(isinstance(s, str) for s in self.resplit):
-            raise ConfigError(f"data.resplit must be a list of split names, got {self.resplit!r}")
+        for name in ("resplit", "exclude_against"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+                raise ConfigError(f"data.{name} must be a list of names, got {value!r}")
 
 
 @dataclass

@@ -139,15 +139,21 @@ def run_dataset(config: RunConfig, splits: Path | None = None) -> RetrievalDatas
             dataset = carve_selection(dataset, float(data.selection_fraction), data.split_seed,
                                       source=data.train_split, name=data.val_split, mode=data.selection_mode)
     if data.exclude:
-        dataset = _exclude(dataset, data.exclude, data.train_split)
+        dataset = _exclude(dataset, data.exclude, data.train_split, data.exclude_against)
     return dataset
 
 
-def _exclude(dataset: RetrievalDataset, path: str, train_split: str) -> RetrievalDataset:
-    """``dataset`` without the training captions and images the audit file ``path`` lists."""
+def _exclude(dataset: RetrievalDataset, path: str, train_split: str, against: list[str]) -> RetrievalDataset:
+    """``dataset`` without the training captions and images the audit file ``path`` lists.
+
+    ``against``: keep only the entries that collide with these evaluation splits (all when empty).
+    """
     from rsitr.data.audit import apply_exclusions, read_exclusions
 
-    dataset, dropped = apply_exclusions(dataset, read_exclusions(path), train_split=train_split)
+    exclusions = read_exclusions(path)
+    if against:
+        exclusions = exclusions.restricted_to(against)
+    dataset, dropped = apply_exclusions(dataset, exclusions, train_split=train_split)
     logger.info(f"{path}: dropped from {train_split!r}: " + ", ".join(f"{v} {k}" for k, v in dropped.items()))
     return dataset
 
