@@ -17,6 +17,10 @@ bound on the backbone's own rate. Numbers on a shared machine are rough.
 Usage::
 
     python benchmarks/features_throughput.py [--images 64] [--batch-size 32] [--image-size 256] [--repeats 2]
+                                             [--boxes grid activation]
+
+``--boxes`` adds rows per region-box source (``activation`` proposals are chosen from the same
+forward pass; their extra cost is the difference to the ``grid`` row).
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--backbones", nargs="+", default=["resnet50", "resnet18"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--boxes", nargs="+", default=["grid"], help="region-box sources (grid, activation)")
     parser.add_argument("--rate-seconds", type=float, default=1.0,
                         help="seconds spent on each matmul rate measurement (per precision and path)")
     args = parser.parse_args()
@@ -104,18 +109,20 @@ def main() -> None:
         for backbone in args.backbones:
             flops = image_flops(backbone, args.image_size)
             for precision in args.precisions:
-                spec = replace(FeatureSpec(), backbone=backbone, image_size=args.image_size, precision=precision)
-                rate, peak = extract_rate(dataset, spec, args.batch_size, args.repeats)
-                rows.append((backbone, precision, flops, rate, peak))
+                for boxes in args.boxes:
+                    spec = replace(FeatureSpec(), backbone=backbone, image_size=args.image_size, precision=precision,
+                                   boxes=boxes)
+                    rate, peak = extract_rate(dataset, spec, args.batch_size, args.repeats)
+                    rows.append((backbone, precision, boxes, flops, rate, peak))
     rates = best_rates(before, matmul_rates(args.rate_seconds))  # measured before and after; the higher counts
     print(format_rates(rates, "best of before and after the runs"))
     print()
-    print("| backbone | precision | GFLOP / image | images / s | achieved GFLOP/s | fraction of torch.mm rate "
+    print("| backbone | precision | boxes | GFLOP / image | images / s | achieved GFLOP/s | fraction of torch.mm rate "
           "| fraction of oneDNN GEMM rate | max abs region |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for backbone, precision, flops, rate, peak in rows:
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for backbone, precision, boxes, flops, rate, peak in rows:
         achieved = rate * flops / 1e9
-        print(f"| {backbone} | {precision} | {flops / 1e9:.2f} | {rate:.1f} | {achieved:.0f} "
+        print(f"| {backbone} | {precision} | {boxes} | {flops / 1e9:.2f} | {rate:.1f} | {achieved:.0f} "
               f"| {achieved / rates[f'mm_{precision}']:.2f} | {achieved / rates[f'onednn_{precision}']:.2f} "
               f"| {peak:.1f} |")
 

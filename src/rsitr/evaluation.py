@@ -361,3 +361,9 @@ def evaluate_features(model: RetrievalModel, image_features: dict[str, torch.Ten
     sims = compute_similarity(model, image_features, data.tokens, data.lengths, progress=progress,
                               text_extras=data.extras, precision=precision)
     return recall_metrics(sims, data.caption_local_image), sims
+
+
+def extra_views(sims: torch.Tensor, data: SplitData) -> dict[str, dict[str, float]]:
+    """The two views reported beside the headline: the reference code's tie order and distinct texts."""
+    return {"reference_ties": recall_metrics(sims, data.caption_local_image, ties="reference"),
+            "distinct_text": distinct_text_metrics(sims, data.caption_local_image, data.text_ids)}

@@ -197,10 +197,9 @@ def distinct_rows(tokens: torch.Tensor, lengths: torch.Tensor,
         columns.append((text_extras or {})[name].reshape(n, -1).long())
     rows = torch.cat(columns, dim=1)
     _, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    first_of: dict[int, int] = {}
-    for row, group in enumerate(inverse.tolist()):
-        first_of.setdefault(group, row)
-    order = sorted(first_of, key=first_of.__getitem__)  # groups in order of first appearance
-    position = torch.empty(len(order), dtype=torch.int64)
-    position[torch.tensor(order, dtype=torch.int64)] = torch.arange(len(order))
-    return torch.tensor([first_of[g] for g in order], dtype=torch.int64), position[inverse]
+    first = torch.full((int(inverse.max()) + 1 if n else 0,), n, dtype=torch.int64)
+    first = first.scatter_reduce(0, inverse, torch.arange(n), reduce="amin")  # first row of each group
+    order = torch.argsort(first)  # groups in order of first appearance
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order))
+    return first[order], position[inverse]

@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     feats.add_argument("--backbone", default="resnet50")
     feats.add_argument("--backbone-weights")
     feats.add_argument("--detections")
-    feats.add_argument("--boxes", default="grid", choices=["grid", "activation"],
-                       help="region boxes of images without detections: the fixed grid or activation proposals")
+    feats.add_argument("--boxes", default="grid",
+                       help="grid | activation: region boxes of images without detections (fixed grid or activation proposals)")
     feats.add_argument("--image-size", type=int, default=256)
     feats.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     feats.add_argument("--batch-size", type=int, default=32)
@@ -381,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--train-split", default="train", help="for a retrieval dataset: the split whose labels train")
     pre.add_argument("--val-split", default="val", help="for a retrieval dataset: the split that validates; none holds out --val-fraction of "
                      "the train split per class (seeded by --seed), as the carved selection split does")
-    pre.add_argument("--hold-out", default="random", choices=["random", "block"],
-                     help="with --val-split none: which images of each class are held out (block: the last ones, "
+    pre.add_argument("--hold-out", default="random",
+                     help="random | block, with --val-split none: which images of each class are held out (block: the last ones, "
                           "as data.selection_mode: block carves them)")
     pre.set_defaults(func=cmd_pretrain)
 

@@ -14,6 +14,7 @@ Unknown keys are errors (a key that does nothing is a trap), and the YAML is rea
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -172,6 +173,17 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     """Build a :class:`RunConfig` from nested dicts, rejecting unknown sections and keys."""
     check_keys(data, _SECTIONS, source, "section")
     return RunConfig(**{name: _build_section(name, dict(data.get(name) or {}), source) for name in _SECTIONS})
+
+
+def describes(saved: Any, config: RunConfig) -> bool:
+    """Whether a saved config mapping (a run's ``config.yaml``, a ``result.json`` entry) is ``config``.
+
+    Keys it lacks take their defaults, so a run saved before a field existed still matches.
+    """
+    try:
+        return isinstance(saved, dict) and config_from_dict(copy.deepcopy(saved)).to_dict() == config.to_dict()
+    except (ConfigError, TypeError):
+        return False
 
 
 def configs_dir() -> Traversable:

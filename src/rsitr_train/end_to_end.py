@@ -33,7 +33,7 @@ from rsitr.data import RetrievalDataset
 from rsitr.data.images import decode_images, normalize
 from rsitr.errors import ConfigError, ImageReadError
 from rsitr.features import FeatureSpec, backbone_features
-from rsitr.features.compute import choose_boxes, has_usable_boxes
+from rsitr.features.compute import choose_boxes
 from rsitr.features.detections import lookup, read_detections
 from rsitr.progress import progress_bar
 from rsitr_train.augment import AugmentConfig, Geometry, affine_matrices, color_jitter, eval_transform, sample_geometry, warp
@@ -95,10 +95,10 @@ def region_boxes(dataset: RetrievalDataset, spec: FeatureSpec, image_ids: list[i
     for i in image_ids:
         entry = lookup(detections, dataset.image_files[i]) if detections is not None else None
         size = _original_size(dataset.image_path(i)) if entry else (spec.image_size, spec.image_size)
-        b, m = choose_boxes(entry, size, spec)
+        b, m, own = choose_boxes(entry, size, spec)
         boxes.append(b)
         masks.append(m)
-        given.append(has_usable_boxes(entry, size))
+        given.append(own)
     if not boxes:
         return (torch.zeros(0, spec.num_regions, 4), torch.zeros(0, spec.num_regions, dtype=torch.bool),
                 torch.zeros(0, dtype=torch.bool))

@@ -40,7 +40,7 @@ import yaml
 from rsitr.errors import ConfigError
 from rsitr.io import list_yaml_names, read_named_yaml, write_json, write_text
 from rsitr.progress import get_logger
-from rsitr_train.config import RunConfig, apply_override, config_from_dict
+from rsitr_train.config import RunConfig, apply_override, config_from_dict, describes
 
 logger = get_logger(__name__)
 
@@ -151,20 +151,12 @@ def backbone_parameters(name: str) -> int:
     return _BACKBONE_PARAMETERS[name]
 
 
-def _same_run_config(saved: Any, config: RunConfig) -> bool:
-    """Whether a saved config dict describes ``config``; keys it lacks take their defaults."""
-    try:
-        return isinstance(saved, dict) and config_from_dict(copy.deepcopy(saved)).to_dict() == config.to_dict()
-    except (ConfigError, TypeError):
-        return False
-
-
 def run_variant(config: RunConfig, run_dir: Path, label: str, split: str, progress: bool = True) -> RunResult:
     """Train ``config`` in ``run_dir`` (resuming) and evaluate its best checkpoint on ``split``.
 
     A finished run (``result.json`` written for the same config and split) is reused as it is.
     """
-    from rsitr.evaluation import distinct_text_metrics, recall_metrics
+    from rsitr.evaluation import extra_views
     from rsitr_train.runs import load_run
     from rsitr_train.trainer import evaluate_split, train
 
@@ -173,7 +165,7 @@ def run_variant(config: RunConfig, run_dir: Path, label: str, split: str, progre
     result_path = run_dir / RESULT_FILE
     if result_path.is_file():
         saved = json.loads(result_path.read_text(encoding="utf-8"))
-        if _same_run_config(saved.get("config"), config) and saved.get("split") == split:
+        if describes(saved.get("config"), config) and saved.get("split") == split:
             logger.info(f"{label} seed {config.train.seed}: reusing finished run {run_dir}")
             return RunResult(**saved["result"])
     started = time.perf_counter()
@@ -185,8 +177,7 @@ def run_variant(config: RunConfig, run_dir: Path, label: str, split: str, progre
         label=label, seed=config.train.seed, model=prepared.spec.name, metrics=metrics,
         best_epoch=int(summary["best_epoch"] or 0), trainable_parameters=model.num_parameters(),
         backbone_parameters=backbone_parameters(prepared.spec.backbone), train_seconds=round(seconds, 1),
-        run_dir=str(run_dir), reference_ties=recall_metrics(sims, data.caption_local_image, ties="reference"),
-        distinct_text=distinct_text_metrics(sims, data.caption_local_image, data.text_ids),
+        run_dir=str(run_dir), **extra_views(sims, data),
     )
     write_json(result_path, {"config": config.to_dict(), "split": split, "result": asdict(result)})
     logger.info(f"{label} seed {config.train.seed}: {split} mR {metrics['mR']:.2f} (best epoch {result.best_epoch}, {seconds:.0f} s)")

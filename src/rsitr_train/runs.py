@@ -29,7 +29,7 @@ from typing import Any
 from rsitr.backbones import Backbone
 from rsitr.bundle import BACKBONE_FILE, MODEL_FILE, RUN_MODEL_JSON, load_model, vocab_digest
 from rsitr.errors import CheckpointError
-from rsitr.evaluation import chance_metrics, distinct_text_metrics, format_table, recall_metrics
+from rsitr.evaluation import chance_metrics, extra_views, format_table
 from rsitr.features import feature_dims, file_sha256
 from rsitr.io import save_tensors, write_json
 from rsitr.models import RetrievalModel
@@ -121,8 +121,7 @@ def evaluate_run(run_dir: str | Path, split: str, json_path: str | Path | None =
               "selection_split": selection, "optimistic": split == selection,
               "n_images": len(data.image_ids), "n_captions": len(data.lengths),
               "n_distinct_texts": int(data.text_ids.unique().numel()), "metrics": metrics,
-              "metrics_reference_ties": recall_metrics(sims, data.caption_local_image, ties="reference"),
-              "metrics_distinct_text": distinct_text_metrics(sims, data.caption_local_image, data.text_ids),
+              **{f"metrics_{name}": values for name, values in extra_views(sims, data).items()},
               "chance": chance, "precision": precision, "seconds": round(seconds, 3)}
     write_json(json_path or Path(run_dir) / f"eval_{split}.json", result)
     return result

@@ -48,7 +48,7 @@ from rsitr.models.registry import ModelSpec
 from rsitr.precision import autocast
 from rsitr.progress import get_logger, progress_bar
 from rsitr.text import Vocabulary, load_glove
-from rsitr_train.config import RunConfig, load_config
+from rsitr_train.config import RunConfig, describes, read_config_file
 from rsitr_train.end_to_end import (
     ImageStore,
     backbone_train_mode,
@@ -286,15 +286,14 @@ def _augment_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def _same_config(run_dir: Path, config: RunConfig) -> bool:
-    """Whether ``run_dir/config.yaml`` (if any) describes ``config``; keys it lacks take their defaults."""
+    """Whether ``run_dir/config.yaml`` (if any) describes ``config`` (:func:`rsitr_train.config.describes`)."""
     path = run_dir / "config.yaml"
     if not path.exists():
         return True
     try:
-        saved = load_config(path)
-    except (ConfigError, TypeError):
+        return describes(read_config_file(path), config)
+    except ConfigError:
         return False
-    return saved.to_yaml() == config.to_yaml()
 
 
 def _restore(payload: dict[str, Any], model: RetrievalModel, backbone: Backbone | None, optimizer, scheduler,

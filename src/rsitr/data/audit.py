@@ -17,10 +17,10 @@ lowest-frequency DCT coefficients of a 32 × 32 grayscale copy relative to their
 images are near-duplicates when the Hamming distance of their hashes is at most ``threshold``
 (``DEFAULT_THRESHOLD = 6``; ``rsitr data audit --threshold``). The median splits the 64
 coefficients in half, so a hash has 32 bits set and distances are even (barring ties). The
-default was chosen on UCM-Captions (1890 images, 256 px): a copy resized to 75 % and re-saved as
-JPEG at quality 75 is within distance 6 of its original for 1888 of the 1890 images (at 0 for
-1559), a copy at 90 % and quality 75 for 1888, one at full size and quality 90 for all 1890, one
-at 50 % and quality 50 for 1876; while among the 1,785,105 pairs of UCM images the closest pair
+default was chosen on UCM-Captions (1890 images, 256 px; ``benchmarks/phash_threshold.py``): a
+copy resized to 75 % and re-saved as JPEG at quality 75 is within distance 6 of its original for
+1888 of the 1890 images (at 0 for 1556), a copy at 90 % and quality 75 for 1888, one at full size
+and quality 90 for all 1890, one at 50 % and quality 50 for 1876; while among the 1,785,105 pairs of UCM images the closest pair
 that is not the same picture is at distance 8 (beach scenes 375 and 376: the same coast on
 different days) and the next three are at 10. So 6 catches re-encoded and rescaled copies and
 stays clear of merely similar scenes. pHash does not find crops, rotations or flips: overlapping
@@ -158,7 +158,7 @@ class _Hashed:
     unreadable: list[str]
 
 
-def _phash(data: bytes) -> int:
+def perceptual_hash(data: bytes) -> int:
     """64-bit pHash of an encoded image, as an integer."""
     import imagehash  # here, so that reading and applying exclusions needs neither it nor scipy
 
@@ -189,7 +189,7 @@ def _hash_images(datasets: Sequence[RetrievalDataset], progress: bool) -> list[_
         path = datasets[d].image_path(i)
         try:
             data = path.read_bytes()
-            value = _phash(data)
+            value = perceptual_hash(data)
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             logger.warning("%s: cannot decode image (%s); left out of the image audit", path, exc.__class__.__name__)
             results[d].unreadable.append(datasets[d].image_files[i])
@@ -203,7 +203,7 @@ def _hash_images(datasets: Sequence[RetrievalDataset], progress: bool) -> list[_
 _BYTE_BITS = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
 
 
-def _popcount(values: np.ndarray) -> np.ndarray:
+def popcount(values: np.ndarray) -> np.ndarray:
     """Set bits of each uint64 (``np.bitwise_count`` where numpy has it, numpy < 2 by a byte table)."""
     if hasattr(np, "bitwise_count"):
         return np.bitwise_count(values)
@@ -219,7 +219,7 @@ def _close_pairs(hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.nda
     block = max(1, _PAIR_BLOCK // max(n, 1))
     for start in range(0, n, block):
         stop = min(n, start + block)
-        distance = _popcount(hashes[start:stop, None] ^ hashes[None, :])
+        distance = popcount(hashes[start:stop, None] ^ hashes[None, :])
         r, c = np.nonzero(distance <= threshold)
         keep = c > r + start
         rows.append(r[keep] + start)

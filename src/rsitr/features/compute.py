@@ -34,7 +34,7 @@ from rsitr.backbones import Backbone, backbone_info, create_backbone
 from rsitr.data.dataset import RetrievalDataset
 from rsitr.data.images import load_image, normalize, resize_rgb, to_rgb
 from rsitr.errors import ConfigError
-from rsitr.features.detections import Detections, lookup, read_detections, select_boxes
+from rsitr.features.detections import Detections, lookup, own_boxes, read_detections, select_boxes
 from rsitr.features.proposals import activation_boxes, proposal_levels
 from rsitr.features.roi import roi_align
 from rsitr.features.spec import LEVEL_KEYS, MAP_PREFIX, FeatureSpec, feature_dims, parse_maps
@@ -80,23 +80,17 @@ def load_backbone(spec: FeatureSpec) -> Backbone:
 
 
 def choose_boxes(entry: tuple[np.ndarray, np.ndarray] | None, original_size: tuple[int, int],
-                 spec: FeatureSpec) -> tuple[Tensor, Tensor]:
-    """The ``spec.num_regions`` boxes and mask of one image from its (boxes, scores) entry, or the default boxes."""
-    return select_boxes(entry[0] if entry else None, entry[1] if entry else None, original_size,
-                        spec.image_size, spec.num_regions)
+                 spec: FeatureSpec) -> tuple[Tensor, Tensor, bool]:
+    """The ``spec.num_regions`` boxes and mask of one image, and whether they are its own.
 
-
-def has_usable_boxes(entry: tuple[np.ndarray, np.ndarray] | None, original_size: tuple[int, int]) -> bool:
-    """Whether :func:`choose_boxes` takes ``entry``'s boxes: one of them overlaps the image with some area.
-
-    Otherwise it falls back to the grid, and the image counts as having no boxes of its own.
+    Its own: from its (boxes, scores) entry when one of them is usable (kept by every box source);
+    otherwise the grid boxes and False (replaced by proposals under ``spec.boxes="activation"``).
     """
-    if entry is None or len(entry[0]) == 0:
-        return False
-    w, h = original_size
-    boxes = np.asarray(entry[0], dtype=np.float64).reshape(-1, 4)
-    xs, ys = np.clip(boxes[:, [0, 2]], 0.0, w), np.clip(boxes[:, [1, 3]], 0.0, h)
-    return bool(((xs[:, 1] > xs[:, 0]) & (ys[:, 1] > ys[:, 0])).any())
+    own = own_boxes(entry[0], entry[1], original_size, spec.image_size, spec.num_regions) if entry else None
+    if own is not None:
+        return own[0], own[1], True
+    boxes, mask = select_boxes(None, None, original_size, spec.image_size, spec.num_regions)
+    return boxes, mask, False
 
 
 def _batch(images: list[Tensor], boxes: list[Tensor], masks: list[Tensor], given: list[bool],
@@ -113,11 +107,11 @@ def dataset_batch(dataset: RetrievalDataset, ids: Sequence[int], spec: FeatureSp
     for i in ids:
         image, original_size = load_image(dataset.image_path(i), spec.image_size)
         entry = lookup(detections, dataset.image_files[i]) if detections is not None else None
-        b, m = choose_boxes(entry, original_size, spec)
+        b, m, own = choose_boxes(entry, original_size, spec)
         images.append(image)
         boxes.append(b)
         masks.append(m)
-        given.append(has_usable_boxes(entry, original_size))
+        given.append(own)
     return _batch(images, boxes, masks, given, spec)
 
 
@@ -144,10 +138,10 @@ def image_batch(images: Sequence[ImageInput], spec: FeatureSpec,
             given = np.asarray(boxes[k], dtype=np.float64).reshape(-1, 4)
             given_scores = scores[k] if scores is not None and scores[k] is not None else np.ones(len(given))
             entry = (given, np.asarray(given_scores, dtype=np.float64))
-        b, m = choose_boxes(entry, original_size, spec)
+        b, m, is_own = choose_boxes(entry, original_size, spec)
         chosen.append(b)
         masks.append(m)
-        own.append(has_usable_boxes(entry, original_size))
+        own.append(is_own)
     return _batch(tensors, chosen, masks, own, spec)
 
 

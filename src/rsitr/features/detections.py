@@ -93,25 +93,40 @@ def select_boxes(boxes: np.ndarray | None, scores: np.ndarray | None, original_s
                  image_size: int, num_regions: int = 36) -> tuple[Tensor, Tensor]:
     """Choose ``num_regions`` boxes for one image and map them to the resized image.
 
-    Boxes are rescaled from the original ``(width, height)`` to the ``image_size`` square and
-    clipped to it; boxes left with no area (entirely outside the image) are dropped. The
-    ``num_regions`` highest-scoring boxes are kept (ties broken by lower index), and missing ones
-    are padded with zero boxes whose mask is False. With no entry (``boxes is None``) or no usable
-    box, the result is :func:`~rsitr.features.roi.default_boxes` (first ``num_regions`` of them, padded
-    if fewer) with mask True.
+    The image's own boxes when it has usable ones (:func:`own_boxes`); otherwise
+    :func:`~rsitr.features.roi.default_boxes` (first ``num_regions`` of them, padded if fewer)
+    with mask True.
 
     Returns:
         (boxes float32 (num_regions, 4) in resized pixels, mask bool (num_regions,)).
     """
+    own = own_boxes(boxes, scores, original_size, image_size, num_regions)
+    return own if own is not None else _padded(default_boxes(image_size)[:num_regions].numpy(), num_regions)
+
+
+def own_boxes(boxes: np.ndarray | None, scores: np.ndarray | None, original_size: tuple[int, int],
+              image_size: int, num_regions: int = 36) -> tuple[Tensor, Tensor] | None:
+    """An image's own ``num_regions`` boxes in the resized image, or None when it has no usable box.
+
+    Boxes are rescaled from the original ``(width, height)`` to the ``image_size`` square and
+    clipped to it; boxes left with no area (entirely outside the image) are dropped. The
+    ``num_regions`` highest-scoring boxes are kept (ties broken by lower index), and missing ones
+    are padded with zero boxes whose mask is False.
+    """
+    if boxes is None or not len(boxes):
+        return None
+    chosen = _rescale_clip(boxes, original_size, image_size)
+    keep = (chosen[:, 2] > chosen[:, 0]) & (chosen[:, 3] > chosen[:, 1])
+    if not keep.any():
+        return None
+    order = np.argsort(-np.asarray(scores, dtype=np.float64)[keep], kind="stable")[:num_regions]
+    return _padded(chosen[keep][order], num_regions)
+
+
+def _padded(chosen: np.ndarray, num_regions: int) -> tuple[Tensor, Tensor]:
+    """(num_regions, 4) boxes with the first ``len(chosen)`` real (mask True), the rest zero (mask False)."""
     out = torch.zeros(num_regions, 4, dtype=torch.float32)
     mask = torch.zeros(num_regions, dtype=torch.bool)
-    chosen = _rescale_clip(boxes, original_size, image_size) if boxes is not None and len(boxes) else None
-    if chosen is not None:
-        keep = (chosen[:, 2] > chosen[:, 0]) & (chosen[:, 3] > chosen[:, 1])
-        order = np.argsort(-np.asarray(scores, dtype=np.float64)[keep], kind="stable")[:num_regions]
-        chosen = chosen[keep][order]
-    if chosen is None or len(chosen) == 0:
-        chosen = default_boxes(image_size)[:num_regions].numpy()
     k = len(chosen)
     out[:k] = torch.from_numpy(np.ascontiguousarray(chosen, dtype=np.float32))
     mask[:k] = True
