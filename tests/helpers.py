@@ -85,3 +85,34 @@ def log_lines(callback: Callable[[str], None]) -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+SEARCH_WORDS = ("a", "the", "of", "with", "many", "some", "green", "trees", "buildings", "road", "river", "water",
+                "field", "houses", "parking", "lot", "cars", "near", "beside", "large", "small", "bare", "land")
+
+
+def random_bundle(out, model: str = "dove-s", seed: int = 0, image_size: int = 64, backbone: str | None = None, **params):
+    """A model bundle with seeded random weights (no training), saved to ``out``; returns the bundle.
+
+    Enough for the serving path: every tile and query encodes deterministically, and identical
+    pixels give identical encodings.
+    """
+    from rsitr.bundle import RetrievalBundle
+    from rsitr.features import FeatureSpec, feature_dims, load_backbone
+    from rsitr.models import create_model, get_model_spec
+    from rsitr.text import Vocabulary
+
+    params = {"embed_dim": 32, "word_dim": 16, **params}
+    import dataclasses
+
+    spec = get_model_spec(model).with_overrides(params)
+    if backbone is not None:
+        spec = dataclasses.replace(spec, backbone=backbone)
+    features = FeatureSpec(backbone=spec.backbone, image_size=image_size, precision="fp32", seed=seed)
+    vocab = Vocabulary(list(SEARCH_WORDS))
+    torch.manual_seed(seed)
+    network = create_model(spec, feature_dims=feature_dims(features), vocab_size=len(vocab)).eval()
+    bundle = RetrievalBundle(model=network, backbone=load_backbone(features), vocab=vocab, spec=spec,
+                             feature_spec=features, info={"source": "random weights for tests"})
+    bundle.save(out)
+    return bundle

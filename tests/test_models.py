@@ -79,16 +79,17 @@ def test_scores_independent_of_batch_composition(overrides):
                 assert torch.allclose(model.similarity(one_image, one_text)[0, 0], full[i, j], atol=1e-5)
 
 
-def test_pairwise_iga_matches_direct_formula():
-    """The factorised IGA equals Eq. 26–28 written out pair by pair."""
+@pytest.mark.parametrize("n_texts", [4, 12], ids=["few captions: flat product", "batched product"])
+def test_pairwise_iga_matches_direct_formula(n_texts):
+    """The factorised IGA equals Eq. 26–28 written out pair by pair, on both paths of its head."""
     model = small("dove").eval()
-    feats, (tokens, lengths) = fake_features(3), fake_text(4)
+    feats, (tokens, lengths) = fake_features(3), fake_text(n_texts)
     with torch.no_grad():
         images, texts = model.encode_image(feats), model.encode_text(tokens, lengths)
         got = model.similarity(images, texts)
         iga = model.iga
         for i in range(3):
-            for j in range(4):
+            for j in range(n_texts):
                 r = iga.regional(images["region_mean"][i])
                 g = iga.textual(texts["global"][j])
                 s = torch.sigmoid(r @ g / 32**0.5)

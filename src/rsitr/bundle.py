@@ -182,13 +182,21 @@ class RetrievalBundle:
         Raises:
             ValueError: the model has no separable stage.
         """
+        return self.first_stage_images(image_encodings), self.first_stage_texts(text_encodings)
+
+    def first_stage_images(self, image_encodings: Encoding) -> torch.Tensor:
+        """The image side of :meth:`first_stage` alone (what an image index stores)."""
+        return torch.nn.functional.normalize(image_encodings[self._first_stage_keys()[0]].float(), dim=-1)
+
+    def first_stage_texts(self, text_encodings: Encoding) -> torch.Tensor:
+        """The text side of :meth:`first_stage` alone (what a text query searches an image index with)."""
+        return torch.nn.functional.normalize(text_encodings[self._first_stage_keys()[1]].float(), dim=-1)
+
+    def _first_stage_keys(self) -> tuple[str, str]:
         keys = self.model.first_stage
         if keys is None:
             raise ValueError(f"model {self.spec.name!r} has no separable first stage")
-        image_key, text_key = keys
-        normalize = torch.nn.functional.normalize
-        return (normalize(image_encodings[image_key].float(), dim=-1),
-                normalize(text_encodings[text_key].float(), dim=-1))
+        return keys
 
     def _precision(self, precision: str | None) -> str:
         return check_precision(precision or self.precision)

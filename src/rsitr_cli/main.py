@@ -273,6 +273,108 @@ def cmd_salient(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbers(value: str | None, kind: type, flag: str) -> list | None:
+    """A comma-separated list of numbers (``--scales 1,2``, ``--bands 4,3,2``); one-line error otherwise."""
+    if value is None:
+        return None
+    try:
+        return [kind(part) for part in value.split(",") if part.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{flag} takes comma-separated numbers, got {value!r}") from exc
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from rsitr_serve.indexer import build_index
+
+    options = {"tile": args.tile, "overlap": args.overlap, "scales": _numbers(args.scales, float, "--scales"),
+               "shard_size": args.shard_size, "vector_kind": args.vector_index}
+    summary = build_index(args.paths, args.model, args.out, first_stage_dir=args.first_stage,
+                          bands=_numbers(args.bands, int, "--bands"), batch_size=args.batch_size, progress=not args.quiet,
+                          **{key: value for key, value in options.items() if value is not None})
+    print(summary.line())
+    print(f"index: {args.out}  (search it with: rsitr search {args.out} \"a sentence\")")
+    return 0
+
+
+def cmd_index_add(args: argparse.Namespace) -> int:
+    from rsitr_serve.indexer import add_to_index
+
+    summary = add_to_index(args.index_dir, args.paths, model_dir=args.model, batch_size=args.batch_size,
+                           progress=not args.quiet)
+    print(summary.line())
+    return 0
+
+
+def cmd_index_remove(args: argparse.Namespace) -> int:
+    from rsitr_serve.indexer import remove_from_index
+
+    files, tiles = remove_from_index(args.index_dir, args.paths, progress=not args.quiet)
+    print(f"removed {files} files ({tiles} tiles) from {args.index_dir}")
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from rsitr_serve.indexer import index_info
+
+    info = index_info(args.index_dir)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    settings = info["settings"]
+    tiling = settings["tiling"]
+    vectors = info["vectors"] or {}
+    spec = vectors.get("spec") or {}
+    print(f"model: {settings['model']['name']} ({settings['model']['architecture']}) at {settings['model']['path']}")
+    if settings["first_stage"]:
+        print(f"first stage: {settings['first_stage']['name']} at {settings['first_stage']['path']}")
+    print(f"tiling: tile {tiling['tile']} px, overlap {tiling['overlap']}, scales {tiling['scales']}; "
+          f"bands {settings['bands'] or 'default'}")
+    print(f"files: {info['files']} ({info['complete_files']} complete); tiles: {info['tiles']} "
+          f"{ {float(k): v for k, v in info['tiles_per_scale'].items()} }; shards: {info['shards']} "
+          f"({info['shard_bytes'] / 2**20:.1f} MiB, {info['dead_rows']} removed rows)")
+    print(f"vectors: {spec.get('kind', 'none')} {spec}, {vectors.get('count', 0)} vectors, "
+          f"{vectors.get('bytes', 0) / 2**20:.1f} MiB, {vectors.get('bytes_per_vector', 0):.0f} bytes per vector")
+    print("ready to search" if info["ready"] else "NOT ready: an interrupted build/add; run it again")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from rsitr_serve.search import TileSearcher, read_captions
+    from rsitr_serve.sheets import write_contact_sheet
+
+    if args.captions and not args.image:
+        raise ConfigError("--captions ranks sentences for an image: give --image PATH too")
+    if (args.query is None) == (args.image is None):
+        raise ConfigError("give a sentence or --image PATH (one of them)")
+    with TileSearcher(args.index_dir, model_dir=args.model) as searcher:
+        if args.captions:
+            ranked = searcher.rank_captions(args.image, read_captions(args.captions))[: args.k]
+            for caption, score in ranked:
+                print(f"{score:8.4f}  {caption}")
+            if args.json:
+                from rsitr.io import write_json
+
+                write_json(args.json, [{"caption": c, "score": s} for c, s in ranked])
+            return 0
+        started = time.perf_counter()
+        if args.image:
+            results = searcher.search_image(args.image, k=args.k)
+        else:
+            results = searcher.search_text(args.query, k=args.k, rerank=args.rerank)
+        seconds = time.perf_counter() - started
+    for result in results:
+        print(result.line())
+    print(f"{len(results)} tiles of {len(searcher)} in {seconds * 1000:.1f} ms")
+    if args.json:
+        from rsitr.io import write_json
+
+        write_json(args.json, [r.to_dict() for r in results])
+    if args.html:
+        write_contact_sheet(results, args.html, args.query or f"like {args.image}")
+        print(f"contact sheet: {args.html}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsitr", description="Remote-sensing image-text retrieval")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -392,6 +494,49 @@ def build_parser() -> argparse.ArgumentParser:
     salient.add_argument("--count", type=int, default=6, help="number of images (the split's first ones)")
     salient.add_argument("--out", default="salient_masks.png")
     salient.set_defaults(func=cmd_salient)
+
+    index = sub.add_parser("index", parents=[quiet], help="index your own imagery (GeoTIFF, TIFF, JPEG, PNG, WebP) for search")
+    index_sub = index.add_subparsers(dest="index_command", required=True)
+    build = index_sub.add_parser("build", parents=[quiet], help="tile, encode and index files and folders (re-running resumes)")
+    build.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    build.add_argument("--model", required=True, help="model bundle (rsitr export) or run directory")
+    build.add_argument("--out", required=True, help="index folder (an existing one is brought up to date)")
+    build.add_argument("--tile", type=int, help="tile side in source pixels at scale 1 (default: see docs/search.md)")
+    build.add_argument("--overlap", type=float, help="overlap of neighbouring tiles, a fraction of the tile (default: docs/search.md)")
+    build.add_argument("--scales", help="comma-separated tile size multipliers, e.g. 1,2 (default: docs/search.md)")
+    build.add_argument("--bands", help="1-based source bands for R,G,B, e.g. 4,3,2 (default: the file's RGB, else bands 1-3)")
+    build.add_argument("--first-stage", help="a separable model for the first stage, for a pairwise model without one")
+    build.add_argument("--vector-index", help="auto | flat | ivf | hnsw (default auto: chosen by the tile count)")
+    build.add_argument("--shard-size", type=int, help="tiles per shard and per commit (default 1024)")
+    build.add_argument("--batch-size", type=int, default=32)
+    build.set_defaults(func=cmd_index_build)
+    add = index_sub.add_parser("add", parents=[quiet], help="index new or changed files into an existing index")
+    add.add_argument("index_dir")
+    add.add_argument("paths", nargs="+", metavar="PATH")
+    add.add_argument("--model", help="the index's model, when it has moved")
+    add.add_argument("--batch-size", type=int, default=32)
+    add.set_defaults(func=cmd_index_add)
+    remove = index_sub.add_parser("remove", parents=[quiet], help="drop files (or whole folders) from an index")
+    remove.add_argument("index_dir")
+    remove.add_argument("paths", nargs="+", metavar="PATH")
+    remove.set_defaults(func=cmd_index_remove)
+    info_index = index_sub.add_parser("info", parents=[quiet], help="what an index holds")
+    info_index.add_argument("index_dir")
+    info_index.add_argument("--json", action="store_true", help="print the full record as JSON")
+    info_index.set_defaults(func=cmd_index_info)
+
+    search = sub.add_parser("search", parents=[quiet], help="search an index by sentence or by image")
+    search.add_argument("index_dir")
+    search.add_argument("query", nargs="?", help="a sentence")
+    search.add_argument("-k", type=int, default=20, help="results to return (default 20)")
+    search.add_argument("--rerank", type=int, default=100,
+                        help="first-stage candidates re-scored by the full model (default 100; 0: first stage only)")
+    search.add_argument("--image", help="query by example image (image -> image), or with --captions")
+    search.add_argument("--captions", help="a text file of sentences (one per line) to rank for --image (image -> text)")
+    search.add_argument("--model", help="the index's model, when it has moved (it must be the same model)")
+    search.add_argument("--json", help="write the results as JSON")
+    search.add_argument("--html", help="write a contact sheet (HTML with thumbnails)")
+    search.set_defaults(func=cmd_search)
 
     models = sub.add_parser("models", parents=[quiet], help="list registered models")
     models.set_defaults(func=cmd_models)
