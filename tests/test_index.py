@@ -106,6 +106,7 @@ def test_build_indexes_every_format_with_the_tiling_rule(imagery, built) -> None
     assert sorted(files) == sorted(["scene_utm.tif", "plain.tiff", "scene16.tif", "four_band.tif", "a.png", "b.jpg",
                                     "c.webp", "gray.png"])
     assert all(f.complete for f in files.values())
+    assert not list(built["out"].glob(f"{CATALOG_FILE}-*"))  # no write-ahead log left: opens from a read-only folder
     tiles = _tile_rows(built["out"])
     per_file = {name: sum(1 for t in tiles if t[1] == f.id) for name, f in files.items()}
     for name, record in files.items():

@@ -211,6 +211,14 @@ class Catalog:
             raise DatasetError(self.path, f"not a readable index catalogue ({exc})") from exc
 
     def close(self) -> None:
+        """Close the catalogue; a writer folds its write-ahead log back first.
+
+        The log (``-wal`` and ``-shm`` files) is what lets a reader work beside a writer; without
+        it a finished index is one file that opens read-only from a read-only folder.
+        """
+        if self._lock is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("PRAGMA journal_mode=DELETE")
         self.db.close()
         if self._lock is not None:
             os.close(self._lock)
