@@ -116,3 +116,29 @@ def random_bundle(out, model: str = "dove-s", seed: int = 0, image_size: int = 6
                              feature_spec=features, info={"source": "random weights for tests"})
     bundle.save(out)
     return bundle
+
+
+def texture(height: int, width: int, seed: int, channels: int = 3, dtype=None):
+    """Seeded blocky noise (channels, height, width), uint8 (or uint16 values 500..): every tile of it differs."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(channels, height // 8 + 1, width // 8 + 1))
+    image = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)[:, :height, :width]
+    if dtype == np.uint16:
+        return (image.astype(np.uint16) * 40 + 500).astype(np.uint16)
+    return image.astype(np.uint8)
+
+
+def write_geotiff(path, data, crs="EPSG:32633", origin=(500_000.0, 5_000_000.0), pixel: float = 0.5):
+    """A GeoTIFF of (bands, height, width) ``data`` with a CRS and a north-up transform (``crs=None``: a plain TIFF)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    bands, height, width = data.shape
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": bands, "dtype": data.dtype.name}
+    if crs is not None:
+        profile.update(crs=crs, transform=from_origin(origin[0], origin[1], pixel, pixel))
+    with rasterio.open(path, "w", **profile) as out:
+        out.write(data)
+    return path

@@ -12,14 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
 from PIL import Image
-from rasterio.crs import CRS
-from rasterio.transform import from_origin
 from safetensors.torch import load_file
 
-from helpers import random_bundle
+from helpers import random_bundle, texture, write_geotiff
 from rsitr.errors import ConfigError, DatasetError
 from rsitr_cli.main import main
 from rsitr_serve.catalog import CATALOG_FILE, SHARD_DIR, Catalog
@@ -31,28 +28,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferenc
               pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")]
 
 TILE = 48
-UTM = CRS.from_epsg(32633)
-
-
-def _texture(height: int, width: int, seed: int, channels: int = 3, dtype=np.uint8) -> np.ndarray:
-    """Seeded blocky noise (channels, height, width): every tile of it looks different."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, size=(channels, height // 8 + 1, width // 8 + 1))
-    image = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)[:, :height, :width]
-    if dtype == np.uint16:
-        return (image.astype(np.uint16) * 40 + 500).astype(np.uint16)
-    return image.astype(dtype)
-
-
-def write_geotiff(path: Path, data: np.ndarray, crs=UTM, origin=(500_000.0, 5_000_000.0), pixel: float = 0.5) -> Path:
-    """A GeoTIFF with a CRS and a north-up transform (``crs=None``: a plain TIFF)."""
-    bands, height, width = data.shape
-    profile = {"driver": "GTiff", "width": width, "height": height, "count": bands, "dtype": data.dtype.name}
-    if crs is not None:
-        profile.update(crs=crs, transform=from_origin(origin[0], origin[1], pixel, pixel))
-    with rasterio.open(path, "w", **profile) as out:
-        out.write(data)
-    return path
 
 
 def write_picture(path: Path, data: np.ndarray, mode: str | None = None) -> Path:
@@ -67,14 +42,14 @@ def imagery(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("imagery")
     scenes = root / "scenes"
     (scenes / "chips").mkdir(parents=True)
-    write_geotiff(scenes / "scene_utm.tif", _texture(100, 150, seed=1))
-    write_geotiff(scenes / "plain.tiff", _texture(60, 70, seed=2), crs=None)
-    write_geotiff(scenes / "scene16.tif", _texture(64, 96, seed=3, dtype=np.uint16))
-    write_geotiff(scenes / "four_band.tif", _texture(50, 50, seed=4, channels=4))
-    write_picture(scenes / "chips" / "a.png", _texture(40, 40, seed=5))
-    write_picture(scenes / "chips" / "b.jpg", _texture(48, 48, seed=6))
-    write_picture(scenes / "chips" / "c.webp", _texture(56, 44, seed=7))
-    write_picture(scenes / "chips" / "gray.png", _texture(30, 30, seed=8, channels=1), mode="L")
+    write_geotiff(scenes / "scene_utm.tif", texture(100, 150, seed=1))
+    write_geotiff(scenes / "plain.tiff", texture(60, 70, seed=2), crs=None)
+    write_geotiff(scenes / "scene16.tif", texture(64, 96, seed=3, dtype=np.uint16))
+    write_geotiff(scenes / "four_band.tif", texture(50, 50, seed=4, channels=4))
+    write_picture(scenes / "chips" / "a.png", texture(40, 40, seed=5))
+    write_picture(scenes / "chips" / "b.jpg", texture(48, 48, seed=6))
+    write_picture(scenes / "chips" / "c.webp", texture(56, 44, seed=7))
+    write_picture(scenes / "chips" / "gray.png", texture(30, 30, seed=8, channels=1), mode="L")
     (scenes / "notes.txt").write_text("not an image")
     model = root / "model"
     random_bundle(model, seed=0)
@@ -137,10 +112,10 @@ def test_tiles_carry_bounds_in_the_crs_and_in_lonlat(imagery, built) -> None:
 def test_bands_pick_source_bands_of_rasters_and_leave_pictures_rgb(imagery, tmp_path) -> None:
     scenes = tmp_path / "scenes"
     scenes.mkdir()
-    data = _texture(48, 48, seed=61, channels=4)
+    data = texture(48, 48, seed=61, channels=4)
     write_geotiff(scenes / "rgbn.tif", data)
-    write_geotiff(scenes / "rgb.tif", _texture(48, 48, seed=62))
-    write_picture(scenes / "chip.png", _texture(48, 48, seed=63))
+    write_geotiff(scenes / "rgb.tif", texture(48, 48, seed=62))
+    write_picture(scenes / "chip.png", texture(48, 48, seed=63))
     summary = build_index([scenes], imagery["model"], tmp_path / "index", tile=TILE, bands=[4, 3, 2], progress=False)
     files = _files(tmp_path / "index")
     assert sorted(files) == ["chip.png", "rgbn.tif"]  # the 3-band file has no band 4
@@ -220,13 +195,13 @@ def test_a_query_without_known_words_says_so(built) -> None:
 def test_add_encodes_only_new_or_changed_files_and_remove_drops_them(imagery, tmp_path) -> None:
     scenes = tmp_path / "scenes"
     scenes.mkdir()
-    write_geotiff(scenes / "one.tif", _texture(96, 96, seed=11))
-    write_picture(scenes / "two.png", _texture(48, 96, seed=12))
+    write_geotiff(scenes / "one.tif", texture(96, 96, seed=11))
+    write_picture(scenes / "two.png", texture(48, 96, seed=12))
     index = tmp_path / "index"
     build_index([scenes], imagery["model"], index, tile=TILE, progress=False)
     first = {name: f.id for name, f in _files(index).items()}
-    write_picture(scenes / "three.png", _texture(48, 48, seed=13))
-    write_picture(scenes / "two.png", _texture(48, 96, seed=14))  # changed content
+    write_picture(scenes / "three.png", texture(48, 48, seed=13))
+    write_picture(scenes / "two.png", texture(48, 96, seed=14))  # changed content
     summary = add_to_index(index, [scenes], progress=False)
     assert summary.files_unchanged == 1 and summary.files_replaced == 1 and summary.files_encoded == 2
     files = _files(index)
@@ -270,10 +245,10 @@ def test_a_pairwise_model_without_a_separable_pair_takes_another_first_stage(ima
 def test_unreadable_files_are_skipped_with_a_warning_and_counted(imagery, tmp_path) -> None:
     scenes = tmp_path / "scenes"
     scenes.mkdir()
-    write_picture(scenes / "good.png", _texture(48, 48, seed=21))
-    jpeg = write_picture(scenes / "cut.jpg", _texture(200, 200, seed=22))
+    write_picture(scenes / "good.png", texture(48, 48, seed=21))
+    jpeg = write_picture(scenes / "cut.jpg", texture(200, 200, seed=22))
     jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 3])
-    tiff = write_geotiff(scenes / "cut.tif", _texture(200, 200, seed=23))
+    tiff = write_geotiff(scenes / "cut.tif", texture(200, 200, seed=23))
     tiff.write_bytes(tiff.read_bytes()[: tiff.stat().st_size // 2])
     (scenes / "empty.png").write_bytes(b"")
     index = tmp_path / "index"
@@ -289,7 +264,7 @@ def test_unreadable_files_are_skipped_with_a_warning_and_counted(imagery, tmp_pa
 def test_search_refuses_an_index_whose_vectors_lag_behind(imagery, tmp_path) -> None:
     scenes = tmp_path / "scenes"
     scenes.mkdir()
-    write_picture(scenes / "good.png", _texture(48, 48, seed=31))
+    write_picture(scenes / "good.png", texture(48, 48, seed=31))
     index = tmp_path / "index"
     build_index([scenes], imagery["model"], index, tile=TILE, progress=False)
     with Catalog(index, writable=True) as catalog, catalog.transaction():
@@ -361,9 +336,9 @@ def _snapshot(index: Path) -> dict:
 def test_kill_9_at_any_moment_then_the_same_command_gives_the_same_index(imagery, tmp_path) -> None:
     scenes = tmp_path / "scenes"
     scenes.mkdir()
-    write_geotiff(scenes / "big.tif", _texture(160, 200, seed=41))  # more tiles than a shard: chunked alone
+    write_geotiff(scenes / "big.tif", texture(160, 200, seed=41))  # more tiles than a shard: chunked alone
     for k in range(6):
-        write_picture(scenes / f"chip{k}.png", _texture(48 + 8 * (k % 2), 48, seed=50 + k))
+        write_picture(scenes / f"chip{k}.png", texture(48 + 8 * (k % 2), 48, seed=50 + k))
     reference = tmp_path / "reference"
     subprocess.run(_build_command(scenes, imagery["model"], reference), env=_environment(), check=True,
                    stdout=subprocess.DEVNULL)

@@ -375,6 +375,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from rsitr_serve.server import LOCAL_HOSTS, create_app
+
+    if args.host not in LOCAL_HOSTS and not args.token:
+        raise ConfigError(f"--host {args.host} makes the index reachable from other machines: give --token TOKEN too "
+                          "(every request must then carry it)")
+    app = create_app(args.index_dir, model_dir=args.model, token=args.token)
+    print(f"serving {args.index_dir} on http://{args.host}:{args.port}/  (API documentation: /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsitr", description="Remote-sensing image-text retrieval")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -537,6 +551,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", help="write the results as JSON")
     search.add_argument("--html", help="write a contact sheet (HTML with thumbnails)")
     search.set_defaults(func=cmd_search)
+
+    serve = sub.add_parser("serve", parents=[quiet], help="a search service and web page over an index")
+    serve.add_argument("index_dir")
+    serve.add_argument("--model", help="the index's model, when it has moved (it must be the same model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --token)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", help="bearer token every request must carry (required off localhost)")
+    serve.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", parents=[quiet], help="list registered models")
     models.set_defaults(func=cmd_models)

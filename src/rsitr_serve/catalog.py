@@ -282,9 +282,10 @@ class Catalog:
     def tiles(self, tile_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
         """Every column of ``tile_ids`` with the file's path and CRS, by tile id."""
         sql = ("SELECT t.id, f.path, f.crs, t.scale, t.x, t.y, t.width, t.height, t.minx, t.miny, t.maxx, t.maxy, "
-               "t.west, t.south, t.east, t.north FROM tiles t JOIN files f ON f.id = t.file_id WHERE t.id IN ({})")
+               "t.west, t.south, t.east, t.north, f.id, f.width, f.height "
+               "FROM tiles t JOIN files f ON f.id = t.file_id WHERE t.id IN ({})")
         names = ("id", "path", "crs", "scale", "x", "y", "width", "height", "minx", "miny", "maxx", "maxy",
-                 "west", "south", "east", "north")
+                 "west", "south", "east", "north", "file_id", "file_width", "file_height")
         return dict(self._select_in(sql, tile_ids, lambda r: (int(r[0]), dict(zip(names, r)))))
 
     def _select_in(self, sql: str, ids: Sequence[int] | np.ndarray, make: Any) -> Iterator[Any]:
@@ -302,6 +303,15 @@ class Catalog:
                 "shards": one("SELECT COUNT(*) FROM shards").fetchone()[0],
                 "shard_rows": one("SELECT COALESCE(SUM(rows), 0) FROM shards").fetchone()[0],
                 "shard_bytes": one("SELECT COALESCE(SUM(bytes), 0) FROM shards").fetchone()[0]}
+
+    def tiles_per_file(self) -> dict[int, int]:
+        return {int(f): int(n) for f, n in self.db.execute("SELECT file_id, COUNT(*) FROM tiles GROUP BY file_id")}
+
+    def file_lonlat_extents(self) -> dict[int, tuple[float, float, float, float]]:
+        """Per georeferenced file, the (west, south, east, north) box of its tiles (they cover the file)."""
+        rows = self.db.execute("SELECT file_id, MIN(west), MIN(south), MAX(east), MAX(north) FROM tiles "
+                               "WHERE west IS NOT NULL GROUP BY file_id")
+        return {int(r[0]): (float(r[1]), float(r[2]), float(r[3]), float(r[4])) for r in rows}
 
     def tiles_per_scale(self) -> dict[float, int]:
         return {float(s): int(n) for s, n in self.db.execute("SELECT scale, COUNT(*) FROM tiles GROUP BY scale ORDER BY scale")}

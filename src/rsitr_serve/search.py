@@ -59,6 +59,8 @@ class TileResult:
     lonlat: tuple[float, float, float, float] | None  # west, south, east, north (EPSG:4326)
     score: float
     first_stage_score: float
+    file_id: int = 0
+    file_size: tuple[int, int] = (0, 0)  # the file's width and height in pixels
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: ``file``, ``window``, ``bounds``, ``score`` and the rest."""
@@ -211,7 +213,8 @@ class TileSearcher:
             out.append(TileResult(tile_id=int(tile_id), file=row["path"],
                                   window=TileWindow(row["scale"], row["x"], row["y"], row["width"], row["height"]),
                                   crs=row["crs"], bounds=bounds, lonlat=lonlat, score=float(score),
-                                  first_stage_score=float(first_score)))
+                                  first_stage_score=float(first_score), file_id=int(row["file_id"]),
+                                  file_size=(int(row["file_width"]), int(row["file_height"]))))
         return out
 
 
