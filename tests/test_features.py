@@ -13,7 +13,7 @@ from PIL import Image
 import rsitr.features.compute as features_mod
 from rsitr.backbones import create_backbone
 from rsitr.data.dataset import RetrievalDataset
-from rsitr.errors import CheckpointError, ConfigError
+from rsitr.errors import CheckpointError, ConfigError, ImageReadError
 from rsitr.features import (
     FeatureSpec,
     ImageFeatures,
@@ -220,3 +220,41 @@ def test_spatial_maps_and_no_regions(dataset, tmp_path) -> None:
 def test_bad_map_entries(maps, message) -> None:
     with pytest.raises(ConfigError, match=message):
         FeatureSpec(backbone="resnet18", maps=maps)
+
+
+def test_cache_follows_the_images_content(tmp_path) -> None:
+    """Image replaced, image deleted, image folder moved, two datasets of the same name and file names."""
+    (tmp_path / "a").mkdir()
+    first = _dataset(tmp_path / "a")
+    cache = tmp_path / "cache"
+    original = extract_features(first, SPEC, cache, progress=False)
+    key = SPEC.cache_key(first)
+    # replaced: same name, same size, other pixels -> another key, features computed afresh
+    path = first.image_path(1)
+    pixels = np.asarray(Image.open(path)).copy()
+    pixels[:8] = 255 - pixels[:8]
+    Image.fromarray(pixels).save(path)
+    replaced_key = SPEC.cache_key(first)
+    assert replaced_key != key
+    replaced = extract_features(first, SPEC, cache, progress=False)
+    assert not torch.equal(replaced.levels[3][1], original.levels[3][1])
+    assert torch.equal(replaced.levels[3][0], original.levels[3][0])
+    # the same name and file names with other images elsewhere: never the other one's cache
+    (tmp_path / "b").mkdir()
+    second = _dataset(tmp_path / "b")
+    Image.fromarray(np.zeros((60, 80, 3), dtype=np.uint8)).save(second.image_path(0))
+    assert SPEC.cache_path(second, cache) != SPEC.cache_path(first, cache)
+    # moved with its images: the same content, the same cache
+    moved = tmp_path / "moved"
+    (tmp_path / "a").rename(moved)
+    relocated = RetrievalDataset(name=first.name, image_dir=moved, image_files=first.image_files,
+                                 image_splits=first.image_splits, captions=first.captions,
+                                 caption_image=first.caption_image)
+    assert SPEC.cache_key(relocated) == replaced_key
+    assert SPEC.cache_path(relocated, cache).is_file()
+    # the folder gone (or one image deleted): a one-line error naming the file
+    with pytest.raises(ImageReadError, match="img0.png: image file not found"):
+        SPEC.cache_key(first)
+    relocated.image_path(2).unlink()
+    with pytest.raises(ImageReadError, match="img2.png"):
+        extract_features(relocated, SPEC, cache, progress=False)
