@@ -168,3 +168,30 @@ def test_unreadable_weights_raise_checkpoint_error(tmp_path) -> None:
     bad_st.write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match="bad.safetensors"):
         create_backbone("resnet18", weights=bad_st)
+
+
+class _Marker:
+    """Unpickling this writes a file: proof that loading a weights file ran code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pth_holding_a_pickled_object_is_refused_without_running_it(tmp_path):
+    import pickle
+
+    import pytest
+
+    from rsitr.backbones import create_backbone
+    from rsitr.errors import CheckpointError
+
+    marker = tmp_path / "ran"
+    weights = tmp_path / "weights.pth"
+    with weights.open("wb") as handle:
+        pickle.dump({"state_dict": _Marker(str(marker))}, handle)
+    with pytest.raises(CheckpointError, match="weights.pth: cannot read backbone weights"):
+        create_backbone("resnet18", weights)
+    assert not marker.exists()

@@ -72,6 +72,26 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_synth, tmp_path, monke
     assert rows_without_timing(resumed / "metrics.csv") == rows_without_timing(straight / "metrics.csv")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_a_damaged_resume_file_is_set_aside_and_the_run_starts_again(tiny_synth, tmp_path, damage, caplog):
+    cache = tmp_path / "cache"
+    straight = tmp_path / "straight"
+    train(tiny_config(tiny_synth, cache, epochs=2), straight, progress=False)
+    damaged = tmp_path / "damaged"
+    train(tiny_config(tiny_synth, cache, epochs=2), damaged, progress=False)
+    resume = damaged / "resume.pt"
+    data = resume.read_bytes()
+    resume.write_bytes(data[: len(data) // 2] if damage == "truncated" else bytes(range(256)) * 64)
+    with caplog.at_level("WARNING", logger="rsitr"):
+        train(tiny_config(tiny_synth, cache, epochs=2), damaged, progress=False)  # the same command again
+    assert any("resume.pt is damaged" in r.getMessage() for r in caplog.records)
+    assert (damaged / "resume.pt.damaged").is_file()
+    a = torch.load(straight / "resume.pt", weights_only=True)["model"]
+    b = torch.load(damaged / "resume.pt", weights_only=True)["model"]
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
 def test_same_seed_same_result_different_seed_differs(tiny_synth, tmp_path):
     cache = tmp_path / "cache"
     runs = []

@@ -14,9 +14,12 @@ Unknown keys are errors (a key that does nothing is a trap), and the YAML is rea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -160,19 +163,75 @@ RETIRED_KEYS = {
 }
 
 
-def _build_section(name: str, values: dict[str, Any], source: str) -> Any:
+#: Bounds of numeric fields (inclusive lower bound; ``>`` marks a strict one), checked when a config is read.
+BOUNDS: dict[str, tuple[str, float]] = {
+    "features.image_size": (">=", 16), "features.batch_size": (">=", 1), "train.epochs": (">=", 1),
+    "train.batch_size": (">=", 1), "train.lr": (">", 0), "train.lr_decay": (">", 0), "train.lr_decay_every": (">=", 1),
+    "train.grad_clip": (">=", 0), "train.threads": (">=", 0), "text.min_count": (">=", 1), "text.max_length": (">=", 1),
+}
+
+
+def _checked_value(value: Any, kind: Any, where: str) -> Any:
+    """``value`` as the field's annotated type (int, float, str, bool, optionals of them); ConfigError otherwise.
+
+    YAML reads ``1e-5`` (no dot) as a string, so a numeric string is a float; ``1.5`` is not an
+    integer and ``true`` not a number.
+    """
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and not isinstance(value, bool):
+            with contextlib.suppress(TypeError, ValueError):
+                number = float(value)
+                if math.isfinite(number):
+                    return number
+        if option is str and isinstance(value, str):
+            return value
+    names = [getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in options]
+    if not any(o in (int, float, str, bool) for o in options):
+        return value  # lists and mappings are checked by their section
+    raise ConfigError(f"{where} must be {' or '.join(_KIND_WORDS.get(n, n) for n in names)}, got {value!r}")
+
+
+_KIND_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "null": "null"}
+
+
+def _check_bound(key: str, value: Any, where: str) -> None:
+    if key not in BOUNDS or value is None:
+        return
+    relation, bound = BOUNDS[key]
+    if not (value > bound if relation == ">" else value >= bound):
+        raise ConfigError(f"{where} must be {relation} {bound:g}, got {value!r}")
+
+
+def _build_section(name: str, values: dict[str, Any], source: str, origins: dict[str, str] | None = None) -> Any:
     cls = _SECTIONS[name]
     for key in [k for k in values if f"{name}.{k}" in RETIRED_KEYS]:
         logger.info(f"{source}: ignoring {name}.{key} ({RETIRED_KEYS[f'{name}.{key}']})")
         del values[key]
     check_keys(values, [f.name for f in dataclasses.fields(cls)], source, prefix=f"{name}.")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        dotted = f"{name}.{key}"
+        where = f"{(origins or {}).get(dotted, source)}: {dotted}"
+        values[key] = _checked_value(value, hints[key], where)
+        _check_bound(dotted, values[key], where)
     return cls(**values)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
-    """Build a :class:`RunConfig` from nested dicts, rejecting unknown sections and keys."""
+def config_from_dict(data: dict[str, Any], source: str = "config", origins: dict[str, str] | None = None) -> RunConfig:
+    """Build a :class:`RunConfig` from nested dicts, rejecting unknown sections and keys, wrong types and bounds.
+
+    ``origins`` names where a ``section.key`` was set when not in ``source`` (an override:
+    ``--set train.epochs=ten``), so an error points at what the user typed.
+    """
     check_keys(data, _SECTIONS, source, "section")
-    return RunConfig(**{name: _build_section(name, dict(data.get(name) or {}), source) for name in _SECTIONS})
+    return RunConfig(**{name: _build_section(name, dict(data.get(name) or {}), source, origins) for name in _SECTIONS})
 
 
 def describes(saved: Any, config: RunConfig) -> bool:
@@ -209,9 +268,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         source = str(path)
         data = read_config_file(path)
+    origins = {}
     for item in overrides or []:
         apply_override(data, item)
-    return config_from_dict(data, source)
+        origins[item.partition("=")[0]] = f"--set {item}"
+    return config_from_dict(data, source, origins)
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,9 +61,25 @@ def save_resume(path: Path, state: LoopState, last_epoch: int, **extra: Any) -> 
         torch.save(payload, tmp)
 
 
-def load_resume(path: Path) -> dict[str, Any]:
-    """The payload of :func:`save_resume` (tensors only, read with ``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_resume(path: Path) -> dict[str, Any] | None:
+    """The payload of :func:`save_resume` (tensors only, read with ``weights_only=True``); None when damaged.
+
+    ``resume.pt`` is written by temp-then-rename, so a damaged one was damaged from outside (a
+    truncated copy, a disk error). It is not trusted: a warning names it, it is moved aside to
+    ``resume.pt.damaged`` and the run starts again from its first epoch, which under the same seed
+    ends as the uninterrupted run would have.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or not {"epoch", "best", "history_json", "torch_rng"} <= set(payload):
+            raise ValueError("not a resume state")
+        return payload
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        logger.warning("%s is damaged (%s); moved to %s, starting the run again from its first epoch",
+                       path, exc.__class__.__name__, aside.name)
+        return None
 
 
 def resumed_state(payload: dict[str, Any], best_key: str = "best") -> LoopState:

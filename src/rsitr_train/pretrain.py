@@ -435,9 +435,11 @@ def _data_identity(data: ClassificationData) -> dict[str, Any]:
     return {"classes": list(data.classes), "train": data.counts("train"), "val": data.counts("val")}
 
 
-def _load_resume(path: Path, config: PretrainConfig, data: ClassificationData) -> dict[str, Any]:
-    """Read ``resume.pt``; ConfigError when it belongs to another configuration or other data."""
+def _load_resume(path: Path, config: PretrainConfig, data: ClassificationData) -> dict[str, Any] | None:
+    """Read ``resume.pt`` (None when damaged: start again); ConfigError when it belongs to another configuration or other data."""
     state = load_resume(path)
+    if state is None:
+        return None
     if _comparable(json.loads(state["config_json"])) != _comparable(config.to_dict()):
         raise ConfigError(f"{path.parent}: holds a pretraining run with another configuration; "
                           "choose a new output folder or delete it")

@@ -321,20 +321,20 @@ def train(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     resume_path = run_dir / RESUME
+    payload = None
     if resume_path.exists():
         if not _same_config(run_dir, config):
             raise ConfigError(f"{run_dir}: holds a run with another config; choose a new --out or delete it")
-        vocab = Vocabulary.load(run_dir / "vocab.json")
-    else:
-        vocab = None
+        payload = load_resume(resume_path)  # None when damaged (set aside): the run starts again
+    vocab = Vocabulary.load(run_dir / "vocab.json") if payload is not None else None
     splits_path = run_dir / SPLITS_FILE
     prepared = prepare(config, vocab=vocab, progress=progress,
-                       splits=splits_path if resume_path.exists() and splits_path.exists() else None)
+                       splits=splits_path if payload is not None and splits_path.exists() else None)
     write_text(run_dir / "config.yaml", config.to_yaml())
     write_assignment(splits_path, prepared.dataset)
     prepared.vocab.save(run_dir / "vocab.json")
 
-    model = build_model(prepared, fit_statistics=not resume_path.exists())
+    model = build_model(prepared, fit_statistics=payload is None)
     train_data = split_data(prepared.dataset, config.data.train_split, prepared.vocab, config.text.max_length,
                             model.text_inputs, dataset_keywords=config.text.dataset_keywords)
     val_data = split_data(prepared.dataset, config.data.val_split, prepared.vocab, config.text.max_length, model.text_inputs)
@@ -344,8 +344,8 @@ def train(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict
     optimizer = _build_optimizer(model, backbone, config)
     scheduler = _lr_scheduler(optimizer, config)
     state = LoopState()
-    if resume_path.exists():
-        state = _restore(load_resume(resume_path), model, backbone, optimizer, scheduler, resume_path)
+    if payload is not None:
+        state = _restore(payload, model, backbone, optimizer, scheduler, resume_path)
         logger.info(f"resuming {run_dir} at epoch {state.start_epoch + 1}/{config.train.epochs}")
 
     model.prepare_training(TrainingCorpus(
