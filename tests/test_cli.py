@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from rsitr_cli.main import main
@@ -101,3 +102,29 @@ def test_quiet_is_accepted_before_and_after_the_command(capsys) -> None:
             code = stop.code
         assert code == 0, argv
     assert "dove-s" in capsys.readouterr().out
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_work(tiny_synth, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out in (blocker / "run", "/proc/rsitr-cannot-write-here/run"):
+        code = main(["train", "--dataset", str(tiny_synth), "--out", str(out), "--epochs", "1", "--quiet",
+                     "--cache-dir", str(tmp_path / "cache")])
+        err = capsys.readouterr().err
+        assert code == 2 and "cannot write the run directory there" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cache").exists()  # refused before the features were extracted
+    code = main(["features", str(tiny_synth), "--cache-dir", str(blocker / "cache"), "--backbone", "resnet18",
+                 "--image-size", "64", "--quiet"])
+    assert code == 2 and "cannot write the feature cache there" in capsys.readouterr().err
+
+
+def test_a_decompression_bomb_is_one_line_naming_the_limit(tmp_path):
+    from PIL import Image
+
+    from rsitr.data.images import read_image
+    from rsitr.errors import ImageReadError
+
+    path = tmp_path / "huge.png"
+    Image.new("1", (14_000, 14_000)).save(path)  # 196 Mpx in a few hundred kB
+    with pytest.raises(ImageReadError, match="huge.png: image is larger than the .*-pixel limit"):
+        read_image(path)

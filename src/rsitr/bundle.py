@@ -61,7 +61,7 @@ from rsitr.features import (
     image_batch,
     load_backbone,
 )
-from rsitr.io import read_json, read_yaml_mapping, save_tensors, write_json
+from rsitr.io import check_writable, read_json, read_yaml_mapping, save_tensors, write_json
 from rsitr.models import RetrievalModel, create_model
 from rsitr.models.base import Encoding
 from rsitr.models.registry import ModelSpec
@@ -209,8 +209,7 @@ class RetrievalBundle:
         Every file is written atomically, the manifest last, so a folder without ``bundle.json``
         is an unfinished export and a folder with one is complete.
         """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = check_writable(out_dir, "model bundle folder")
         (out / MANIFEST).unlink(missing_ok=True)
         save_tensors(out / BACKBONE_FILE, {k: v.float() if v.is_floating_point() else v
                                            for k, v in self.backbone.state_dict().items()},

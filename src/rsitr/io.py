@@ -51,6 +51,27 @@ def _current_umask() -> int:
     return mask
 
 
+def check_writable(folder: str | Path, what: str = "output folder") -> Path:
+    """Make ``folder`` (and its parents) and prove a file can be written there; one-line ConfigError otherwise.
+
+    Called before long work starts, so that a folder under a file, on a read-only or full file
+    system, or without permission fails at once instead of after minutes of extraction.
+    """
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".rsitr-write-check.", dir=path)
+        try:
+            os.write(fd, b"x")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot write the {what} there ({exc.strerror or exc.__class__.__name__})") from exc
+    return path
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
     with atomic_path(path) as tmp:

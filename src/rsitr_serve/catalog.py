@@ -38,7 +38,7 @@ import numpy as np
 from rsitr.bundle import BACKBONE_FILE, MANIFEST, MODEL_FILE, RUN_MODEL_JSON, VOCAB_FILE
 from rsitr.errors import ConfigError, DatasetError
 from rsitr.features import file_sha256
-from rsitr.io import read_json, write_json
+from rsitr.io import check_writable, read_json, write_json
 
 INDEX_FORMAT = "rsitr-index-v1"
 SETTINGS_FILE = "index.json"
@@ -197,7 +197,7 @@ class Catalog:
         self.path = folder / CATALOG_FILE
         self._lock: int | None = None
         if writable:
-            folder.mkdir(parents=True, exist_ok=True)
+            check_writable(folder, "index")
             self._lock = _lock_folder(folder)
         elif not self.path.is_file():
             raise DatasetError(folder, f"not an rsitr index (no {CATALOG_FILE})")

@@ -60,7 +60,7 @@ from rsitr.backbones import Backbone, backbone_info, create_backbone
 from rsitr.data.imagefolder import ClassificationData
 from rsitr.data.images import decode_images, normalize
 from rsitr.errors import ConfigError
-from rsitr.io import check_keys, save_tensors, write_json
+from rsitr.io import check_keys, check_writable, save_tensors, write_json
 from rsitr.precision import autocast, check_precision
 from rsitr.progress import get_logger, progress_bar
 from rsitr_train.augment import AugmentConfig, augment_batch, eval_transform
@@ -503,8 +503,7 @@ def pretrain(config: PretrainConfig, data: ClassificationData, out_dir: str | Pa
     """
     config.validate()
     _check_data(data)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_writable(out_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
     resume_path = out_dir / RESUME

@@ -41,7 +41,7 @@ from rsitr.data.tokenized import SplitData, split_data
 from rsitr.errors import CheckpointError, ConfigError
 from rsitr.evaluation import evaluate_features
 from rsitr.features import FeatureSpec, ImageFeatures, extract_features, feature_dims
-from rsitr.io import write_text
+from rsitr.io import check_writable, write_text
 from rsitr.models import RetrievalModel, create_model, get_model_spec
 from rsitr.models.base import TrainingCorpus
 from rsitr.models.registry import ModelSpec
@@ -316,8 +316,7 @@ def train(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict
     """
     from rsitr_train.runs import BACKBONE_CHECKPOINT, CHECKPOINT, save_backbone, save_checkpoint
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = check_writable(run_dir, "run directory")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     resume_path = run_dir / RESUME

@@ -47,7 +47,11 @@ def read_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return _to_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"image is larger than the {Image.MAX_IMAGE_PIXELS:,}-pixel limit for decoding a picture "
+                                   "whole; cut it into chips, or index it as a tiled GeoTIFF with rsitr index build "
+                                   "(read window by window)") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(path, f"cannot decode image ({exc.__class__.__name__})") from exc
 
 

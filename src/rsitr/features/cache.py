@@ -21,7 +21,7 @@ from rsitr.data.dataset import RetrievalDataset
 from rsitr.errors import CheckpointError, ConfigError
 from rsitr.features.compute import compute_dataset_tensors
 from rsitr.features.spec import FEATURES_FORMAT, MAP_PREFIX, TENSOR_KEYS, FeatureSpec, parse_maps
-from rsitr.io import save_tensors
+from rsitr.io import check_writable, save_tensors
 from rsitr.progress import get_logger
 
 logger = get_logger(__name__)
@@ -172,6 +172,8 @@ def extract_features(dataset: RetrievalDataset, spec: FeatureSpec, cache_dir: st
     file is replaced atomically. ``cache_dir=None`` computes without caching.
     """
     key = spec.cache_key(dataset)
+    if cache_dir is not None:
+        check_writable(cache_dir, "feature cache")  # before minutes of extraction, not after
     path = spec.cache_path(dataset, cache_dir, key) if cache_dir is not None else None
     if path is not None and path.is_file():
         cached = _load_cached(path, key, dataset)
