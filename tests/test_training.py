@@ -197,3 +197,29 @@ def test_glove_initialises_the_word_embedding(tiny_synth, tmp_path):
     model = build_model(prepared)
     row = model.word_embedding.weight[prepared.vocab.word2idx["image"]]
     assert torch.allclose(row, torch.full((16,), 0.5))
+
+
+def test_a_failed_fresh_run_leaves_nothing_and_an_unknown_parameter_stops_before_extraction(tiny_synth, tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    with pytest.raises(ConfigError, match=r"model.params of model 'dove-s' \(rsitr/models/configs/dove-s.yaml\): .*unknown parameter"):
+        train(tiny_config(tiny_synth, cache, epochs=1, **{"model.params.no_such_field": 1}), run, progress=False)
+    assert not run.exists()  # nothing half-made left behind ...
+    assert not list(cache.glob("*.safetensors"))  # ... and no feature was extracted first
+
+
+def test_a_failure_after_the_first_saved_epoch_keeps_the_run_to_resume(tiny_synth, tmp_path, monkeypatch):
+    from rsitr_train import trainer as training
+
+    original = training._train_epoch
+    calls = {"n": 0}
+
+    def fail_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk gone")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_train_epoch", fail_second)
+    with pytest.raises(RuntimeError):
+        train(tiny_config(tiny_synth, tmp_path / "cache", epochs=2), tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "resume.pt").is_file()

@@ -9,12 +9,14 @@ step, the score, the files of a best epoch) is passed in.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,23 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, min_la
     if len(batches) > 1 and len(batches[-1]) < min_last:
         batches.pop()
     return batches
+
+
+@contextlib.contextmanager
+def cleaned_on_failure(folder: Path, keep: str) -> Iterator[None]:
+    """Remove ``folder`` when the block fails, if it was absent or empty before and holds no ``keep`` file.
+
+    A fresh job that fails before it saved anything to resume from (``resume.pt``) then leaves no
+    half-made folder (a ``config.yaml`` and a ``vocab.json`` with nothing else) behind; a job with
+    progress to resume keeps it, and a folder that held something before is never touched.
+    """
+    fresh = not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+    try:
+        yield
+    except BaseException:
+        if fresh and folder.is_dir() and not (folder / keep).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def save_resume(path: Path, state: LoopState, last_epoch: int, **extra: Any) -> None:

@@ -68,6 +68,7 @@ from rsitr_train.loop import (
     RESUME,
     EpochResult,
     LoopState,
+    cleaned_on_failure,
     load_resume,
     resumed_state,
     run_epochs,
@@ -503,7 +504,12 @@ def pretrain(config: PretrainConfig, data: ClassificationData, out_dir: str | Pa
     """
     config.validate()
     _check_data(data)
-    out_dir = check_writable(out_dir)
+    out_dir = Path(out_dir)
+    with cleaned_on_failure(out_dir, keep=RESUME):
+        return _pretrain(config, data, check_writable(out_dir), progress)
+
+
+def _pretrain(config: PretrainConfig, data: ClassificationData, out_dir: Path, progress: bool) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     resume_path = out_dir / RESUME

@@ -44,7 +44,7 @@ from rsitr.features import FeatureSpec, ImageFeatures, extract_features, feature
 from rsitr.io import check_writable, write_text
 from rsitr.models import RetrievalModel, create_model, get_model_spec
 from rsitr.models.base import TrainingCorpus
-from rsitr.models.registry import ModelSpec
+from rsitr.models.registry import ModelSpec, build_config
 from rsitr.precision import autocast
 from rsitr.progress import get_logger, progress_bar
 from rsitr.text import Vocabulary, load_glove
@@ -63,6 +63,7 @@ from rsitr_train.loop import (
     RESUME,
     EpochResult,
     LoopState,
+    cleaned_on_failure,
     load_resume,
     resumed_state,
     run_epochs,
@@ -177,12 +178,23 @@ def prepare(config: RunConfig, vocab: Vocabulary | None = None, progress: bool =
             train = dataset.split(config.data.train_split)
             vocab = Vocabulary.build(train.captions, min_count=config.text.min_count)
     spec = get_model_spec(config.model.name).with_overrides(config.model.params, config.model.features)
+    _check_model_params(config, spec)
     fspec = feature_spec(config, spec)
     features = None
     if extract:
         features = extract_features(dataset, fspec, Path(config.features.cache_dir),
                                     batch_size=config.features.batch_size, progress=progress)
     return Prepared(config=config, dataset=dataset, vocab=vocab, features=features, spec=spec, feature_spec=fspec)
+
+
+def _check_model_params(config: RunConfig, spec: ModelSpec) -> None:
+    """The model's parameters checked before any feature is extracted; the error names the model's config file."""
+    try:
+        build_config(spec.architecture, spec.params)
+    except ConfigError as exc:
+        name = config.model.name
+        source = name if str(name).endswith((".yaml", ".yml")) else f"rsitr/models/configs/{name}.yaml"
+        raise ConfigError(f"model.params of model {name!r} ({source}): {exc}") from exc
 
 
 def build_model(prepared: Prepared, fit_statistics: bool = True) -> RetrievalModel:
@@ -312,11 +324,17 @@ def _restore(payload: dict[str, Any], model: RetrievalModel, backbone: Backbone 
 def train(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train ``config`` into ``run_dir``; resumes when ``run_dir`` holds a ``resume.pt`` of the same config.
 
-    Returns a summary: best epoch, its validation metrics, seconds per epoch.
+    Returns a summary: best epoch, its validation metrics, seconds per epoch. A fresh run that
+    fails before its first epoch is saved leaves no folder behind (:func:`cleaned_on_failure`).
     """
+    run_dir = Path(run_dir)
+    with cleaned_on_failure(run_dir, keep=RESUME):
+        return _train(config, check_writable(run_dir, "run directory"), progress)
+
+
+def _train(config: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
     from rsitr_train.runs import BACKBONE_CHECKPOINT, CHECKPOINT, save_backbone, save_checkpoint
 
-    run_dir = check_writable(run_dir, "run directory")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     resume_path = run_dir / RESUME
