@@ -514,3 +514,20 @@ def test_real_nwpu() -> None:
     assert (ds.num_images, ds.num_captions) == (3150, 15750)
     assert ds.splits() == ["test"]
     assert ds.scene_labels is not None and ds.scene_labels[0] == "airplane"
+
+
+def test_captions_without_a_word_are_reported_in_one_line(tmp_path: Path, caplog) -> None:
+    """Empty captions are an error of the reader; captions of punctuation only are kept with one warning."""
+    images = [{"filename": "a.png", "split": "train", "sentences": [{"raw": "?", "tokens": []}, {"raw": " ... !", "tokens": []},
+                                                                     {"raw": "a road .", "tokens": []}]},
+              {"filename": "b.png", "split": "test", "sentences": [{"raw": "two roads", "tokens": []}]}]
+    path = write_json_file(tmp_path / "dataset_x.json", {"dataset": "x", "images": images})
+    with caplog.at_level(logging.WARNING, logger="rsitr"):
+        load_dataset(path)
+    (record,) = [r for r in caplog.records if "no word" in r.getMessage()]
+    assert "2 caption(s) have no word" in record.getMessage() and "a.png" in record.getMessage()
+    caplog.clear()
+    images[0]["sentences"] = images[0]["sentences"][2:]
+    with caplog.at_level(logging.WARNING, logger="rsitr"):
+        load_dataset(write_json_file(tmp_path / "dataset_y.json", {"dataset": "y", "images": images}))
+    assert not [r for r in caplog.records if "no word" in r.getMessage()]

@@ -23,6 +23,10 @@ from rsitr.data.pir import read_pir
 from rsitr.data.precomp import read_precomp
 from rsitr.errors import ConfigError, DatasetError, ImageReadError, UnknownLayoutError
 from rsitr.io import read_json
+from rsitr.progress import get_logger
+from rsitr.text import tokenize
+
+logger = get_logger(__name__)
 
 #: Layout names accepted by :func:`load_dataset`.
 LAYOUTS = ("auto", "karpathy", "precomp", "pir")
@@ -123,6 +127,27 @@ def load_dataset(
         raise DatasetError(path, "no such file or folder")
     if layout == "auto":
         layout = detect_layout(path)
+    dataset = _read(path, layout, image_dir, name)
+    warn_wordless_captions(dataset, path)
+    return dataset
+
+
+def warn_wordless_captions(dataset: RetrievalDataset, source: Path) -> int:
+    """Log one line when captions have no word at all (empty, or only punctuation); returns how many.
+
+    They stay in the dataset, as every reference split counts them, but a model sees them as a
+    single ``<unk>``: worth knowing before training on them.
+    """
+    wordless = [c for c, text in enumerate(dataset.captions) if not tokenize(text)]
+    if wordless:
+        first = wordless[0]
+        logger.warning("%s: %d caption(s) have no word (empty or only punctuation), e.g. caption %d of image %s: %r; "
+                       "a model reads each as one <unk>", source, len(wordless), first,
+                       dataset.image_files[int(dataset.caption_image[first])], dataset.captions[first])
+    return len(wordless)
+
+
+def _read(path: Path, layout: str, image_dir: str | Path | None, name: str | None) -> RetrievalDataset:
     if layout == "karpathy":
         json_path = path if path.is_file() else _karpathy_json(path)
         if json_path is None:
