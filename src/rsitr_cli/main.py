@@ -370,7 +370,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
         write_json(args.json, [r.to_dict() for r in results])
     if args.html:
-        write_contact_sheet(results, args.html, args.query or f"like {args.image}")
+        write_contact_sheet(results, args.html, args.query or f"like {args.image}", searcher.settings)
         print(f"contact sheet: {args.html}")
     return 0
 

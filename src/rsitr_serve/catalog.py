@@ -254,11 +254,6 @@ class Catalog:
                                "FROM files ORDER BY path").fetchall()
         return [_file_record(row) for row in rows]
 
-    def file_by_path(self, path: str) -> FileRecord | None:
-        row = self.db.execute("SELECT id, path, digest, bytes, width, height, crs, info, windows, done, complete "
-                              "FROM files WHERE path = ?", (path,)).fetchone()
-        return _file_record(row) if row else None
-
     def next_id(self, table: str) -> int:
         """The id the next row of ``table`` gets (AUTOINCREMENT never reuses one)."""
         row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()

@@ -239,6 +239,11 @@ def bands_for(path: Path, settings: IndexSettings) -> list[int] | None:
     return settings.bands if path.suffix.lower() in RASTER_SUFFIXES else None
 
 
+def open_indexed(path: str | Path, settings: IndexSettings, stretch: Any = None) -> ImageSource:
+    """``path`` opened as the index reads it (its bands), for tiles, thumbnails and query images alike."""
+    return open_image(path, bands_for(Path(path), settings), stretch=stretch)
+
+
 #: Threads that hash and probe files before a job (hashlib and GDAL release the GIL).
 PLANNING_THREADS = 2
 
@@ -344,7 +349,7 @@ def _read_chunk(chunk: Chunk, files: Sequence[PlannedFile], settings: IndexSetti
         planned = files[index]
         try:
             stretch = planned.info.get("stretch") if planned.path.suffix.lower() in RASTER_SUFFIXES else None
-            with open_image(planned.path, bands_for(planned.path, settings), stretch=stretch) as source:
+            with open_indexed(planned.path, settings, stretch=stretch) as source:
                 planned.info = source.info.to_dict()  # a picture's stretch is known once decoded
                 cut = iter_tile_windows(planned.width, planned.height, *_tiling(settings))
                 for window in itertools.islice(cut, start, stop):
@@ -691,14 +696,11 @@ def index_info(index_dir: str | Path) -> dict[str, Any]:
     """What an index holds: settings, counts, sizes, the vector index, and whether it is complete."""
     folder = Path(index_dir)
     settings = IndexSettings.read(folder)
-    catalog = Catalog(folder)
-    try:
+    with Catalog(folder) as catalog:
         counts = catalog.counts()
         per_scale = catalog.tiles_per_scale()
         generation = catalog.generation()
         incomplete = [f.path for f in catalog.files() if not f.complete]
-    finally:
-        catalog.close()
     record_path = meta_path(folder / VECTORS_FILE)
     record = read_json(record_path, DatasetError) if record_path.is_file() else {}
     vectors = {"spec": record.get("spec"), "count": record.get("count", 0), "bytes": record.get("bytes", 0)}

@@ -35,8 +35,7 @@ import torch
 from rsitr.errors import ConfigError, DatasetError
 from rsitr.text import tokenize
 from rsitr_serve.catalog import SHARD_DIR, VECTORS_FILE, Catalog, IndexSettings
-from rsitr_serve.indexer import Encoders, bands_for, open_encoders, stage_prefix, unit_rows, vectors_generation
-from rsitr_serve.rasters import open_image
+from rsitr_serve.indexer import Encoders, open_encoders, open_indexed, stage_prefix, unit_rows, vectors_generation
 from rsitr_serve.shards import ENCODING_PREFIX, ShardReader
 from rsitr_serve.tiling import TileWindow
 from rsitr_serve.vectors import VectorIndex
@@ -130,8 +129,7 @@ class TileSearcher:
             raise ConfigError(f"--rerank must be 0 (first stage only) or at least -k ({k}), got {rerank}")
         self.check_words(text)
         texts = self.encoders.model.encode_texts([text])
-        stage_texts = texts if not self.encoders.separate_stage else self.encoders.stage.encode_texts([text])
-        query = self.encoders.stage.first_stage_texts(stage_texts).numpy()
+        query = self.encoders.stage.first_stage_texts(self._stage_texts(text, texts)).numpy()
         first_scores, ids = self.vectors.search(query, max(k, rerank))
         found = ids[0] >= 0
         ids, first = ids[0][found], first_scores[0][found]
@@ -156,9 +154,12 @@ class TileSearcher:
                                                          ENCODING_PREFIX), texts)[:, 0].numpy().astype(np.float64)
             for s in range(0, len(ids), EXHAUSTIVE_BLOCK)]) if len(ids) else np.zeros(0)
         order = np.lexsort((ids, -full))[:k]
-        first = self._first_stage_scores(ids[order], texts if not self.encoders.separate_stage
-                                         else self.encoders.stage.encode_texts([text]))
+        first = self._first_stage_scores(ids[order], self._stage_texts(text, texts))
         return self._results(ids[order], full[order], first)
+
+    def _stage_texts(self, text: str, texts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The first-stage model's encoding of ``text``: ``texts`` itself unless the first stage is a separate model."""
+        return self.encoders.stage.encode_texts([text]) if self.encoders.separate_stage else texts
 
     def _first_stage_scores(self, ids: np.ndarray, stage_texts: dict[str, torch.Tensor]) -> np.ndarray:
         if len(ids) == 0:
@@ -172,7 +173,7 @@ class TileSearcher:
 
     def _query_image(self, path: str | Path) -> np.ndarray:
         """An image file as one uint8 RGB array (decimated when larger than :data:`QUERY_IMAGE_MAX`)."""
-        with open_image(path, bands_for(Path(path), self.settings)) as source:
+        with open_indexed(path, self.settings) as source:
             whole = TileWindow(1.0, 0, 0, source.info.width, source.info.height)
             if max(source.info.width, source.info.height) <= QUERY_IMAGE_MAX:
                 return source.read(whole)

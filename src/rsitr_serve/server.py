@@ -65,8 +65,7 @@ import rsitr
 from rsitr.data.images import to_rgb
 from rsitr.errors import RsitrError
 from rsitr.progress import get_logger
-from rsitr_serve.indexer import bands_for
-from rsitr_serve.rasters import open_image
+from rsitr_serve.indexer import open_indexed
 from rsitr_serve.search import TileResult, TileSearcher
 from rsitr_serve.tiling import TileWindow
 
@@ -125,9 +124,8 @@ class SearchService:
     def tile_pixels(self, tile_id: int) -> np.ndarray:
         """The pixels of an indexed tile, read from its file as the indexer read them."""
         row = self._tile(tile_id)
-        path = Path(row["path"])
-        with open_image(path, bands_for(path, self.searcher.settings)) as source:
-            return source.read(TileWindow(row["scale"], row["x"], row["y"], row["width"], row["height"]))
+        with open_indexed(row["path"], self.searcher.settings) as source:
+            return source.read(_window(row))
 
     def _tile(self, tile_id: int) -> dict[str, Any]:
         with self.lock:
@@ -138,20 +136,22 @@ class SearchService:
 
     def _thumbnail(self, tile_id: int, size: int) -> bytes:
         row = self._tile(tile_id)
-        path = Path(row["path"])
-        with open_image(path, bands_for(path, self.searcher.settings)) as source:
-            pixels = source.thumbnail(TileWindow(row["scale"], row["x"], row["y"], row["width"], row["height"]), size)
-        return _jpeg(pixels)
+        with open_indexed(row["path"], self.searcher.settings) as source:
+            return _jpeg(source.thumbnail(_window(row), size))
 
     def _overview(self, file_id: int, size: int) -> bytes:
         record = self.files.get(file_id)
         if record is None:
             raise HTTPException(404, f"no file {file_id} in the index")
-        path = Path(record.path)
-        with open_image(path, bands_for(path, self.searcher.settings)) as source:
+        with open_indexed(record.path, self.searcher.settings) as source:
             whole = TileWindow(1.0, 0, 0, record.width, record.height)
             pixels = source.thumbnail(whole, min(size, max(record.width, record.height)))
         return _jpeg(pixels)
+
+
+def _window(row: dict[str, Any]) -> TileWindow:
+    """The pixel window of a catalogue tile row."""
+    return TileWindow(row["scale"], row["x"], row["y"], row["width"], row["height"])
 
 
 def _jpeg(pixels: np.ndarray) -> bytes:

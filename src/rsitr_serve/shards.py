@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from rsitr.errors import DatasetError
+from rsitr.features.compute import to_float16
 from rsitr.io import save_tensors
 
-_FP16_MAX = float(torch.finfo(torch.float16).max)
 _NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BOOL": np.bool_, "I64": np.int64,
                  "I32": np.int32, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "BF16": None}
 #: Prefix of the model's encodings in a shard; ``stage.`` holds a separate first-stage model's image side.
@@ -41,9 +41,7 @@ def shard_name(shard_id: int) -> str:
 
 def as_storable(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor as a shard holds it: floating point as float16 (clamped), anything else unchanged."""
-    if tensor.is_floating_point():
-        return tensor.float().clamp(-_FP16_MAX, _FP16_MAX).half()
-    return tensor
+    return to_float16(tensor) if tensor.is_floating_point() else tensor
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], tile_ids: list[int]) -> int:

@@ -172,8 +172,6 @@ def extract_features(dataset: RetrievalDataset, spec: FeatureSpec, cache_dir: st
     file is replaced atomically. ``cache_dir=None`` computes without caching.
     """
     key = spec.cache_key(dataset)
-    if cache_dir is not None:
-        check_writable(cache_dir, "feature cache")  # before minutes of extraction, not after
     path = spec.cache_path(dataset, cache_dir, key) if cache_dir is not None else None
     if path is not None and path.is_file():
         cached = _load_cached(path, key, dataset)
@@ -181,6 +179,8 @@ def extract_features(dataset: RetrievalDataset, spec: FeatureSpec, cache_dir: st
             cached.spec = spec  # same key, so equivalent; keep the caller's paths
             logger.info("features: loaded %d images from cache %s", cached.num_images, path.name)
             return cached
+    if cache_dir is not None:
+        check_writable(cache_dir, "feature cache")  # before minutes of extraction; a valid cache may sit read-only
     features = compute_features(dataset, spec, batch_size=batch_size, progress=progress)
     features.cache_key = key
     if path is not None:

@@ -232,11 +232,16 @@ def _stored_keys(features: dict[str, Tensor], spec: FeatureSpec) -> list[str]:
     return [key for key in features if key.startswith(MAP_PREFIX) or (key == "regions" and spec.num_regions)]
 
 
+def to_float16(tensor: Tensor) -> Tensor:
+    """``tensor`` rounded to float16, clamped to its range (what every float16 store of rsitr holds)."""
+    return tensor.float().clamp(-_FP16_MAX, _FP16_MAX).half()
+
+
 def as_stored(features: dict[str, Tensor], spec: FeatureSpec) -> dict[str, Tensor]:
-    """``features`` as the cache holds them: regions and maps rounded to float16 (clamped to its range)."""
+    """``features`` as the cache holds them: regions and maps rounded to float16 (:func:`to_float16`)."""
     out = dict(features)
     for key in _stored_keys(features, spec):
-        out[key] = features[key].clamp(-_FP16_MAX, _FP16_MAX).half()
+        out[key] = to_float16(features[key])
     return out
 
 
