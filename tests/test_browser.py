@@ -7,6 +7,7 @@ either is missing.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +120,16 @@ def test_query_more_like_this_and_an_unknown_word(index_dir, server_url, browser
     sync_api.expect(first.locator(".score")).to_have_text(f"{best[0].score:.3f}")
     inside = next(i for i, r in enumerate(best) if Path(r.file).name == "scene.tif" and r.window.x > 0 and r.window.y > 0)
     _check_overview(page, best, inside)
+    toggle = page.locator("#heat-toggle")  # the heat map of the query over the file, from its indexed tiles
+    sync_api.expect(toggle).to_be_visible()
+    toggle.click()
+    sync_api.expect(toggle).to_have_attribute("aria-pressed", "true")
+    loaded = "() => { const i = document.getElementById('overview-image'); return i.complete && i.naturalWidth > 0; }"
+    sync_api.expect(page.locator("#overview-image")).to_have_attribute("src", re.compile(r"/api/files/\d+/localize\?q="))
+    page.wait_for_function(loaded)
+    sync_api.expect(page.locator("#overview .overview-box.selected")).to_have_count(1)
+    toggle.click()
+    sync_api.expect(page.locator("#overview-image")).to_have_attribute("src", re.compile(r"/overview\?size="))
     page.screenshot(path=str(tmp_path / "results.png"), full_page=True)
     with Image.open(tmp_path / "results.png") as shot:
         assert shot.format == "PNG" and shot.width == 1280 and shot.height >= 900
@@ -138,6 +149,8 @@ def test_query_more_like_this_and_an_unknown_word(index_dir, server_url, browser
 
     page.set_input_files("#image-input", str(chip))
     sync_api.expect(page.locator("#results-title")).to_have_text("More like the image “chip.png”")
+    page.locator("#results .card").first.hover()
+    sync_api.expect(page.locator("#heat-toggle")).to_be_hidden()  # an image query has no sentence to localise
     assert _card_ids(page)[0] == chip_tile
 
     page.fill("#query", UNKNOWN_QUERY)

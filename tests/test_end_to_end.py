@@ -126,19 +126,19 @@ def test_interrupted_end_to_end_run_resumes_to_the_same_weights(tiny_synth, tmp_
     steps = {"n": 0}
     original = training.autocast
 
-    def counting(precision):
+    def counting(precision, *device):
         steps["n"] += 1
-        return original(precision)
+        return original(precision, *device)
 
     monkeypatch.setattr(training, "autocast", counting)  # one call per training step
     train(e2e_config(tiny_synth, cache, epochs=2), tmp_path / "straight", **QUIET)
     per_epoch = steps["n"] // 2
 
-    def crash_in_second_epoch(precision):
+    def crash_in_second_epoch(precision, *device):
         steps["n"] += 1
         if steps["n"] == per_epoch + 2:
             raise KeyboardInterrupt
-        return original(precision)
+        return original(precision, *device)
 
     steps["n"] = 0
     monkeypatch.setattr(training, "autocast", crash_in_second_epoch)

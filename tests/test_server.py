@@ -171,3 +171,26 @@ def test_an_empty_index_answers_with_a_message(index, tmp_path) -> None:
 def test_serve_refuses_other_addresses_without_a_token(index, capsys) -> None:
     assert main(["serve", str(index["index"]), "--host", "0.0.0.0"]) == 2
     assert "--token" in capsys.readouterr().err
+
+
+def test_localize_fuses_the_files_indexed_tiles_into_a_heat_overlay(client, index) -> None:
+    from rsitr_serve.localize import fuse_window_scores, normalise_and_smooth, odd_kernel
+
+    scene = next(f for f in client.get("/api/files").json()["files"] if f["name"] == "scene.tif")
+    answer = client.get(f"/api/files/{scene['id']}/localize", params={"q": QUERY, "size": 64})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(answer.content)).size == (64, 51)  # the overview's size: 120 x 96 to a long side of 64
+    with TileSearcher(index["index"]) as searcher:
+        ids, windows = searcher.catalog.file_tiles(scene["id"])
+        assert len(ids) == scene["tiles"]
+        scores = searcher._full_scores(ids, searcher.encoders.model.encode_texts([QUERY]))
+        heat, hottest = searcher.localize_in_file(scene["id"], QUERY, 120, 96, (51, 64), blur=31)
+    expected = normalise_and_smooth(fuse_window_scores(windows, scores, 120, 96, out_shape=(51, 64)), odd_kernel(31 * 64 / 120))
+    assert np.array_equal(heat, expected)
+    row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    assert hottest == (int((col + 0.5) * 120 / 64), int((row + 0.5) * 96 / 51))
+    x, y = map(int, answer.headers["x-rsitr-hottest"].split(","))
+    assert 0 <= x < 120 and 0 <= y < 96
+    assert client.get("/api/files/999/localize", params={"q": QUERY}).status_code == 404
+    assert client.get(f"/api/files/{scene['id']}/localize", params={"q": "zzz qqq"}).status_code == 422
+    assert client.get(f"/api/files/{scene['id']}/localize").status_code == 422

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from rsitr.data.tokenized import SplitData
+from rsitr.devices import module_device, to_device
 from rsitr.models.base import Encoding, RetrievalModel, concat_encodings, take_rows
 from rsitr.precision import autocast
 from rsitr.progress import progress_bar
@@ -289,9 +290,10 @@ def encode_image_chunks(model: RetrievalModel, image_features: dict[str, torch.T
                         precision: str = "fp32") -> Encoding:
     """Image encodings of every row of ``image_features``, :data:`ENCODE_CHUNK` rows at a time."""
     model.eval()
+    device = module_device(model)
     n_images = next(iter(image_features.values())).shape[0]
-    with autocast(precision):
-        return concat_encodings([model.encode_image(take_rows(image_features, slice(i, i + ENCODE_CHUNK)))
+    with autocast(precision, device):
+        return concat_encodings([model.encode_image(to_device(take_rows(image_features, slice(i, i + ENCODE_CHUNK)), device))
                                  for i in range(0, n_images, ENCODE_CHUNK)])
 
 
@@ -300,13 +302,14 @@ def encode_text_chunks(model: RetrievalModel, tokens: torch.Tensor, lengths: tor
                        text_extras: dict[str, torch.Tensor] | None = None, precision: str = "fp32") -> Encoding:
     """Caption encodings, :data:`ENCODE_CHUNK` captions at a time, each chunk cut to its longest caption."""
     model.eval()
+    device = module_device(model)
     parts = []
-    with autocast(precision):
+    with autocast(precision, device):
         for c in range(0, tokens.shape[0], ENCODE_CHUNK):
             chunk_lengths = lengths[c : c + ENCODE_CHUNK]
-            extras = {name: value[c : c + ENCODE_CHUNK] for name, value in (text_extras or {}).items()}
-            parts.append(model.encode_text(tokens[c : c + ENCODE_CHUNK, : int(chunk_lengths.max())], chunk_lengths,
-                                           **extras))
+            extras = to_device({name: value[c : c + ENCODE_CHUNK] for name, value in (text_extras or {}).items()}, device)
+            parts.append(model.encode_text(tokens[c : c + ENCODE_CHUNK, : int(chunk_lengths.max())].to(device),
+                                           chunk_lengths.to(device), **extras))
     return concat_encodings(parts)
 
 
@@ -321,7 +324,7 @@ def score_encodings(model: RetrievalModel, images: Encoding, texts: Encoding, pr
     """The (n_images, n_texts) float32 score matrix of two encodings, block by fixed-size block."""
     model.eval()
     n_images, n_texts = encoding_rows(images), encoding_rows(texts)
-    with autocast(precision), progress_bar(total=n_images * n_texts, desc="scoring pairs", unit="pair",
+    with autocast(precision, module_device(model)), progress_bar(total=n_images * n_texts, desc="scoring pairs", unit="pair",
                                            unit_scale=True, enabled=progress) as bar:
         return blockwise_similarity(
             lambda rows, cols: model.similarity(take_rows(images, rows), take_rows(texts, cols)),
@@ -345,8 +348,9 @@ def compute_similarity(
     every caption gets the scores of its input, so captions with equal text tie exactly. Nothing
     here looks at which caption belongs to which image. ``text_extras`` are the model's extra text
     inputs (e.g. keyword tokens), row-aligned with ``tokens``. ``precision="bf16"`` runs encoding
-    and scoring under CPU bfloat16 autocast (about twice as fast on CPUs with bf16 instructions);
-    the scores are returned as float32 either way.
+    and scoring under reduced-precision autocast on the model's device (:mod:`rsitr.precision`);
+    inputs move to the model's device chunk by chunk, and the scores are returned as a CPU float32
+    matrix either way.
     """
     first, inverse = distinct_rows(tokens, lengths, text_extras)
     extras = {name: value[first] for name, value in (text_extras or {}).items()}

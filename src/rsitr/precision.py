@@ -4,9 +4,11 @@ Every stage that can run in reduced precision (feature extraction, model encodin
 training, pretraining) accepts the same two names:
 
 * ``"fp32"``: plain float32;
-* ``"bf16"``: CPU bfloat16 autocast. Matrix products and convolutions run in bfloat16 (about
-  twice as fast on CPUs with bf16 instructions); weights, gradients and optimiser state stay
-  float32, and scores are finished in float32 by the models (``rsitr.models.layers.full_precision``).
+* ``"bf16"``: reduced-precision autocast. Matrix products and convolutions run in bfloat16 on the
+  CPU (about twice as fast on CPUs with bf16 instructions); on a GPU in the half-precision type
+  the hardware has (:func:`rsitr.devices.reduced_dtype`: bfloat16, else float16). Weights,
+  gradients and optimiser state stay float32, and scores are finished in float32 by the models
+  (``rsitr.models.layers.full_precision``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 
 import torch
 
+from rsitr.devices import reduced_dtype
 from rsitr.errors import ConfigError
 
 #: The accepted precision names.
@@ -28,7 +31,15 @@ def check_precision(value: object, name: str = "precision") -> str:
     return str(value)
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager[object]:
-    """CPU bfloat16 autocast for ``"bf16"``, nothing for ``"fp32"``; ConfigError for anything else."""
+def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager[object]:
+    """Autocast of ``device``'s kind for ``"bf16"`` (its dtype: :func:`rsitr.devices.reduced_dtype`),
+    nothing for ``"fp32"``; ConfigError for anything else.
+
+    ``device`` is where the tensors of the block live: autocast acts per device type, so a CPU
+    autocast would leave CUDA matrix products in float32.
+    """
     check_precision(precision)
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=reduced_dtype(device))

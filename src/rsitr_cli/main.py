@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,13 @@ from rsitr.errors import ConfigError, RsitrError
 from rsitr.progress import log_to_console
 
 
+def _add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default auto: the best available; "
+                                         "under torchrun, cuda means one GPU per process, cuda:LOCAL_RANK)")
+
+
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_device_argument(parser)
     parser.add_argument("--config", help="run config YAML (sections data/features/model/text/train)")
     parser.add_argument("--dataset", help="dataset file or folder (sets data.path)")
     parser.add_argument("--layout", help="auto | karpathy | precomp | pir")
@@ -58,17 +65,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rsitr_train.trainer import train
 
     config = load_config(args.config, _train_overrides(args))
-    summary = train(config, args.out, progress=not args.quiet)
-    print(json.dumps(summary, indent=2))
-    print(f"run directory: {args.out}  (evaluate with: rsitr evaluate {args.out} --split test)")
+    summary = train(config, args.out, progress=not args.quiet, device=args.device)
+    if _main_process():
+        print(json.dumps(summary, indent=2))
+        print(f"run directory: {args.out}  (evaluate with: rsitr evaluate {args.out} --split test)")
     return 0
+
+
+def _main_process() -> bool:
+    """Whether this is the process that reports (rank 0 under torchrun; always otherwise)."""
+    from rsitr.distributed import env_world
+
+    return env_world().main
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from rsitr_train.runs import evaluate_run, result_table
 
     result = evaluate_run(args.run_dir, args.split, args.json, progress=not args.quiet,
-                          precision=args.precision, dataset=args.dataset)
+                          precision=args.precision, dataset=args.dataset, device=args.device)
     print(result_table(result))
     return 0
 
@@ -109,6 +124,28 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scenes(args: argparse.Namespace) -> int:
+    from rsitr.data.synth import generate_large_scenes
+
+    scenes = generate_large_scenes(args.out, num_scenes=args.count, seed=args.seed, size_range=(args.min_size, args.max_size),
+                                   block_range=(args.min_block, args.max_block), captions_per_block=args.captions,
+                                   progress=not args.quiet)
+    samples = sum(len(b.captions) for s in scenes for b in s.blocks)
+    print(f"wrote {len(scenes)} scenes and {samples} localisation samples to {args.out} (anno.json, scenes.json)")
+    return 0
+
+
+def cmd_mosaics(args: argparse.Namespace) -> int:
+    from rsitr.data.mosaics import build_mosaics
+
+    mosaics = build_mosaics(args.path, args.out, split=args.split, rows=args.rows, cols=args.cols, count=args.count,
+                            queries_per_mosaic=args.queries, seed=args.seed, cell_size=args.cell_size,
+                            image_format=args.format, layout=args.layout, progress=not args.quiet)
+    samples = sum(len(m.queries) for m in mosaics)
+    print(f"wrote {len(mosaics)} mosaics and {samples} localisation samples to {args.out} (anno.json, mosaics.json)")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from rsitr.data import load_dataset
 
@@ -140,16 +177,20 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from rsitr.data import load_dataset
+    from rsitr.distributed import setup
     from rsitr.features import FeatureSpec, default_cache_dir, extract_features
 
+    world, device = setup(args.device)  # under torchrun: join the processes that share the images out
     dataset = load_dataset(args.path, layout=args.layout, image_dir=args.images)
     spec = FeatureSpec(backbone=args.backbone, weights=args.backbone_weights, image_size=args.image_size,
                        detections=args.detections, precision=args.precision, boxes=args.boxes)
     cache_dir = Path(args.cache_dir or default_cache_dir())
     cached = spec.cache_path(dataset, cache_dir).is_file()
     started = time.perf_counter()
-    features = extract_features(dataset, spec, cache_dir, batch_size=args.batch_size, progress=not args.quiet)
+    features = extract_features(dataset, spec, cache_dir, batch_size=args.batch_size, progress=not args.quiet, device=device)
     seconds = time.perf_counter() - started
+    if not world.main:
+        return 0
     if cached:
         print(f"{features.num_images} images: features loaded from the cache in {cache_dir} ({seconds:.1f} s)")
     else:
@@ -203,7 +244,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         raise ConfigError(f"--resplits must be >= 0, got {args.resplits}")
     path, text = run_benchmark(_experiment_base(args), models, _seeds(args.seeds), Path(args.out),
                                report_selection=args.report_selection_split, resplits=args.resplits,
-                               progress=not args.quiet)
+                               progress=not args.quiet, device=args.device)
     print(text)
     print(f"written {path} and {path.with_suffix('.json')} in {time.perf_counter() - started:.0f} s")
     return 0
@@ -220,7 +261,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     study = load_study(args.study)
     started = time.perf_counter()
     path, text = run_study(study, _experiment_base(args), _seeds(args.seeds), Path(args.out),
-                           report_selection=args.report_selection_split, progress=not args.quiet)
+                           report_selection=args.report_selection_split, progress=not args.quiet, device=args.device)
     print(text)
     print(f"written {path} and {path.with_suffix('.json')} in {time.perf_counter() - started:.0f} s")
     return 0
@@ -243,7 +284,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         config = load_pretrain_config(args.config, values)
     else:
         config = PretrainConfig(**{k: v for k, v in values.items() if v is not None})
-    summary = pretrain(config, data, args.out, progress=not args.quiet)
+    summary = pretrain(config, data, args.out, progress=not args.quiet, device=args.device)
     print(json.dumps(summary, indent=2))
     print(f"use it with: --backbone-weights {Path(args.out) / 'backbone.safetensors'}")
     return 0
@@ -255,6 +296,7 @@ def cmd_salient(args: argparse.Namespace) -> int:
     import torch
 
     from rsitr.data.images import read_image
+    from rsitr.devices import module_device, to_device
     from rsitr_train.plots import plot_salient_masks
     from rsitr_train.runs import load_run
     from rsitr_train.trainer import split_image_features
@@ -265,11 +307,25 @@ def cmd_salient(args: argparse.Namespace) -> int:
     image_ids = prepared.dataset.split_indices(args.split)[: args.count]
     features = split_image_features(prepared, torch.tensor(image_ids), "fp32", progress=not args.quiet)
     with torch.no_grad():
-        masks = model.salient_mask(features)
+        masks = model.salient_mask(to_device(features, module_device(model))).cpu()
     images = [np.asarray(read_image(prepared.dataset.image_path(i))) for i in image_ids]
     titles = [prepared.dataset.image_files[i] for i in image_ids]
     path = plot_salient_masks(images, masks, args.out, titles=titles)
     print(f"written {path}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """DOVE's analyses (Figs. 7–10, per-class recall, scene confusion) of a run or bundle on a split."""
+    from rsitr_serve.analyses import analyze
+
+    given = {"score_threshold": args.score_threshold, "max_points": args.max_points,  # None: the analysis's default
+             "ignored_labels": None if args.ignore_labels is None
+             else [part.strip() for part in args.ignore_labels.split(",") if part.strip()]}
+    page = analyze(args.model, args.out, split=args.split, dataset=args.dataset, detections=args.detections,
+                   significant_list=args.significant_list, queries=args.queries, seed=args.seed, progress=not args.quiet,
+                   **{key: value for key, value in given.items() if value is not None})
+    print(f"analysis: {page} (numbers in {page.with_name('analysis.json')})")
     return 0
 
 
@@ -375,6 +431,44 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_localize(args: argparse.Namespace) -> int:
+    from rsitr.bundle import load_model
+    from rsitr_serve.localize import DEFAULT_SIZES, localize, write_localization
+
+    bundle = load_model(args.model_dir)
+    sizes = _numbers(args.scales, int, "--scales") or list(DEFAULT_SIZES)
+    bands = _numbers(args.bands, int, "--bands")
+    started = time.perf_counter()
+    result = localize(bundle, args.image, args.sentences, sizes=sizes, blur=args.blur, batch_size=args.batch_size,
+                      bands=bands, progress=not args.quiet)
+    written = write_localization(result, args.out, bands=bands, overlay=not args.no_overlay)
+    for k, sentence in enumerate(result.sentences):
+        x, y = result.hottest(k)
+        print(f"{sentence!r}: hottest at x={x} y={y}")
+    print(f"{len(result.windows)} windows of {result.width} × {result.height} px at sizes "
+          f"{','.join(map(str, result.sizes))} in {time.perf_counter() - started:.1f} s; stages: {result.times.line()}")
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def cmd_localize_eval(args: argparse.Namespace) -> int:
+    from rsitr.bundle import load_model
+    from rsitr_serve.localize import DEFAULT_SIZES
+    from rsitr_serve.localize_eval import evaluate_localization, metrics_table
+
+    bundle = load_model(args.model_dir)
+    sizes = _numbers(args.scales, int, "--scales") or list(DEFAULT_SIZES)
+    report = evaluate_localization(bundle, args.anno_json, args.image_dir, sizes=sizes, blur=args.blur,
+                                   batch_size=args.batch_size, maps_dir=args.maps, progress=not args.quiet)
+    print(metrics_table(report))
+    if args.json:
+        from rsitr.io import write_json
+
+        write_json(args.json, report)
+        print(f"metrics: {args.json}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -412,6 +506,31 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=128)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_synth)
+    scenes = data_sub.add_parser("scenes", parents=[quiet], help="write large synthetic scenes with ground-truth regions "
+                                                                 "(a localisation benchmark: images/, anno.json, scenes.json)")
+    scenes.add_argument("--out", required=True)
+    scenes.add_argument("--count", type=int, default=10, help="number of scenes")
+    scenes.add_argument("--seed", type=int, default=0)
+    scenes.add_argument("--min-size", type=int, default=2000, help="smallest image side in pixels")
+    scenes.add_argument("--max-size", type=int, default=4000, help="largest image side in pixels")
+    scenes.add_argument("--min-block", type=int, default=400, help="smallest block side in pixels")
+    scenes.add_argument("--max-block", type=int, default=900, help="largest block side in pixels")
+    scenes.add_argument("--captions", type=int, default=2, help="captions (localisation samples) per block")
+    scenes.set_defaults(func=cmd_scenes)
+    mosaics = data_sub.add_parser("mosaics", parents=[quiet], help="grids of a dataset's images of distinct scene classes with "
+                                                                   "ground-truth cells (images/, anno.json, mosaics.json)")
+    mosaics.add_argument("path", metavar="DATASET", help="dataset file or folder with scene labels (e.g. UCM-Captions)")
+    mosaics.add_argument("--out", required=True)
+    mosaics.add_argument("--split", default="val")
+    mosaics.add_argument("--rows", type=int, default=4)
+    mosaics.add_argument("--cols", type=int, default=5)
+    mosaics.add_argument("--count", type=int, default=20, help="number of mosaics")
+    mosaics.add_argument("--queries", type=int, default=3, help="query captions (distinct cells) per mosaic")
+    mosaics.add_argument("--seed", type=int, default=0)
+    mosaics.add_argument("--cell-size", type=int, help="cell side in pixels (default: the split's first image's width)")
+    mosaics.add_argument("--format", choices=["png", "jpg"], default="png", help="png (lossless) or jpg (quality 95)")
+    mosaics.add_argument("--layout", default="auto")
+    mosaics.set_defaults(func=cmd_mosaics)
     info = data_sub.add_parser("info", parents=[quiet], help="read a dataset and print its splits")
     info.add_argument("path")
     info.add_argument("--layout", default="auto")
@@ -438,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     feats.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     feats.add_argument("--batch-size", type=int, default=32)
     feats.add_argument("--cache-dir")
+    _add_device_argument(feats)
     feats.set_defaults(func=cmd_features)
 
     tr = sub.add_parser("train", parents=[quiet], help="train a model; the best epoch is chosen on the validation split")
@@ -451,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="where to write the metrics (default RUN_DIR/eval_SPLIT.json)")
     ev.add_argument("--precision", choices=["fp32", "bf16"], help="model (and trained backbone) precision; default: the run's train.precision")
     ev.add_argument("--dataset", help="the dataset to evaluate on, when not where the run's config says")
+    _add_device_argument(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     export = sub.add_parser("export", parents=[quiet], help="write a run's model as a self-contained bundle (rsitr.load_model reads it)")
@@ -492,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--precision", choices=["bf16", "fp32"])
     pre.add_argument("--init-weights", help="start from these weights (e.g. ImageNet torchvision weights)")
     pre.add_argument("--threads", type=int)
+    _add_device_argument(pre)
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--val-fraction", type=float, default=0.2, help="held-out share when there is no val split")
     pre.add_argument("--train-split", default="train", help="for a retrieval dataset: the split whose labels train")
@@ -508,6 +630,23 @@ def build_parser() -> argparse.ArgumentParser:
     salient.add_argument("--count", type=int, default=6, help="number of images (the split's first ones)")
     salient.add_argument("--out", default="salient_masks.png")
     salient.set_defaults(func=cmd_salient)
+
+    analyze = sub.add_parser("analyze", parents=[quiet], help="DOVE's analyses of a model on a split (Figs. 7-10, per-class "
+                                                              "recall, scene confusion) as an HTML report")
+    analyze.add_argument("model", metavar="RUN_OR_MODEL", help="run directory of rsitr train or model bundle (rsitr export)")
+    analyze.add_argument("--split", help="split to analyse (default: test, else val)")
+    analyze.add_argument("--dataset", help="dataset file or folder (required for a bundle; default for a run: its data.path)")
+    analyze.add_argument("--out", help="report folder (default RUN_DIR/analysis_SPLIT, or ./analysis_SPLIT for a bundle)")
+    division = analyze.add_mutually_exclusive_group()
+    division.add_argument("--detections", help="detections json dividing significant images (default for a run: its own)")
+    division.add_argument("--significant-list", help="text file of significant image names, one per line")
+    analyze.add_argument("--score-threshold", type=float, help="a box above this score is a salient object (default 0.5)")
+    analyze.add_argument("--ignore-labels",
+                         help="comma-separated detection labels that are not salient objects (default road,tree; '' for none)")
+    analyze.add_argument("--queries", type=int, default=2, help="qualitative queries per direction (default 2)")
+    analyze.add_argument("--max-points", type=int, help="most t-SNE points, images and sentences (default 2000)")
+    analyze.add_argument("--seed", type=int, default=0, help="seed of the queries, the t-SNE sample and t-SNE")
+    analyze.set_defaults(func=cmd_analyze)
 
     index = sub.add_parser("index", parents=[quiet], help="index your own imagery (GeoTIFF, TIFF, JPEG, PNG, WebP) for search")
     index_sub = index.add_subparsers(dest="index_command", required=True)
@@ -552,6 +691,31 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--html", help="write a contact sheet (HTML with thumbnails)")
     search.set_defaults(func=cmd_search)
 
+    localize = sub.add_parser("localize", parents=[quiet],
+                              help="semantic localisation: a heat map of where sentences are true in a large image")
+    localize.add_argument("model_dir", help="model bundle (rsitr export) or run directory")
+    localize.add_argument("image", help="GeoTIFF, TIFF, JPEG, PNG or WebP")
+    localize.add_argument("sentences", nargs="+", help="one or more sentences (one heat map each)")
+    localize.add_argument("--scales", help="window sides in px, comma-separated (default 128,256,512)")
+    localize.add_argument("--blur", type=int, default=251, help="median-blur kernel in px (default 251, SeLo's; 1: none)")
+    localize.add_argument("--bands", help="1-based source bands for R,G,B of a multi-band raster, e.g. 4,3,2")
+    localize.add_argument("--batch-size", type=int, default=64, help="windows encoded at once (default 64)")
+    localize.add_argument("--no-overlay", action="store_true", help="skip the colour overlay JPEG")
+    localize.add_argument("--out", default="localization", help="output folder (default ./localization)")
+    localize.set_defaults(func=cmd_localize)
+
+    loc_eval = sub.add_parser("localize-eval", parents=[quiet],
+                              help="SeLo metrics (Rsu, Ras, Rda, Rmi) of a model on annotations in the anno.json format")
+    loc_eval.add_argument("model_dir", help="model bundle (rsitr export) or run directory")
+    loc_eval.add_argument("anno_json", help="annotations: a list of {caption, jpg_name, points}")
+    loc_eval.add_argument("image_dir", help="folder holding the annotated images")
+    loc_eval.add_argument("--scales", help="window sides in px, comma-separated (default 128,256,512)")
+    loc_eval.add_argument("--blur", type=int, default=251, help="median-blur kernel in px (default 251)")
+    loc_eval.add_argument("--batch-size", type=int, default=64, help="windows encoded at once (default 64)")
+    loc_eval.add_argument("--maps", help="also write each sample's heat map PNG into this folder")
+    loc_eval.add_argument("--json", help="write per-sample and averaged metrics as JSON")
+    loc_eval.set_defaults(func=cmd_localize_eval)
+
     serve = sub.add_parser("serve", parents=[quiet], help="a search service and web page over an index")
     serve.add_argument("index_dir")
     serve.add_argument("--model", help="the index's model, when it has moved (it must be the same model)")
@@ -567,8 +731,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log_to_console()
+    log_to_console(logging.INFO if _main_process() else logging.WARNING)  # one log, rank 0's, under torchrun
     try:
+        if getattr(args, "device", None) is not None:  # a device that is not there fails before any work
+            from rsitr.distributed import process_device
+
+            process_device(args.device)
         return int(args.func(args) or 0)
     except RsitrError as exc:
         print(f"rsitr: error: {exc}", file=sys.stderr)

@@ -39,6 +39,7 @@ from rsitr.bundle import BACKBONE_FILE, MANIFEST, MODEL_FILE, RUN_MODEL_JSON, VO
 from rsitr.errors import ConfigError, DatasetError
 from rsitr.features import file_sha256
 from rsitr.io import check_writable, read_json, write_json
+from rsitr_serve.tiling import TileWindow
 
 INDEX_FORMAT = "rsitr-index-v1"
 SETTINGS_FILE = "index.json"
@@ -264,6 +265,12 @@ class Catalog:
         rows = self.db.execute("SELECT id, shard, row FROM tiles ORDER BY id").fetchall()
         table = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
         return table[:, 0], table[:, 1], table[:, 2]
+
+    def file_tiles(self, file_id: int) -> tuple[np.ndarray, list[TileWindow]]:
+        """(ids, windows) of one file's tiles, by id (empty for a file without tiles)."""
+        rows = self.db.execute("SELECT id, scale, x, y, width, height FROM tiles WHERE file_id = ? ORDER BY id",
+                               (int(file_id),)).fetchall()
+        return np.asarray([r[0] for r in rows], dtype=np.int64), [TileWindow(float(r[1]), *map(int, r[2:])) for r in rows]
 
     def locate(self, tile_ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shards, rows) of ``tile_ids``, in their order; a DatasetError for an unknown id."""

@@ -36,6 +36,7 @@ from rsitr.errors import ConfigError, DatasetError
 from rsitr.text import tokenize
 from rsitr_serve.catalog import SHARD_DIR, VECTORS_FILE, Catalog, IndexSettings
 from rsitr_serve.indexer import Encoders, open_encoders, open_indexed, stage_prefix, unit_rows, vectors_generation
+from rsitr_serve.localize import DEFAULT_BLUR, fuse_window_scores, normalise_and_smooth, odd_kernel
 from rsitr_serve.shards import ENCODING_PREFIX, ShardReader
 from rsitr_serve.tiling import TileWindow
 from rsitr_serve.vectors import VectorIndex
@@ -168,6 +169,30 @@ class TileSearcher:
         stored = self.shards.gather(shards, rows, stage_prefix(self.settings), keys=[self.settings.stage_key])
         query = self.encoders.stage.first_stage_texts(stage_texts).numpy()
         return (unit_rows(stored[self.settings.stage_key]) @ query[0]).astype(np.float64)
+
+    def localize_in_file(self, file_id: int, text: str, width: int, height: int, out_shape: tuple[int, int],
+                         blur: int = DEFAULT_BLUR) -> tuple[np.ndarray, tuple[int, int]]:
+        """Semantic localisation of ``text`` in an indexed file from the tiles the index holds.
+
+        No pixel is read or encoded: the file's stored tiles (every scale of the index) are scored
+        with the full model score and fused into a heat map as :mod:`rsitr_serve.localize` fuses
+        SeLo windows (mean score of the covering tiles, min–max to 0..255, median blur). The map is
+        sampled at ``out_shape`` (rows, cols) and the blur scaled to it (``blur`` px of the file).
+
+        Returns:
+            the (rows, cols) uint8 heat map and the hottest point (x, y) in file pixels.
+        """
+        self.check_words(text)
+        ids, windows = self.catalog.file_tiles(file_id)
+        if len(ids) == 0:
+            raise ConfigError(f"file {file_id} has no tiles in the index")
+        texts = self.encoders.model.encode_texts([text])
+        scores = np.concatenate([self._full_scores(ids[s:s + EXHAUSTIVE_BLOCK], texts)
+                                 for s in range(0, len(ids), EXHAUSTIVE_BLOCK)])
+        fused = fuse_window_scores(windows, scores, width, height, out_shape=out_shape)
+        heat = normalise_and_smooth(fused, odd_kernel(blur * out_shape[1] / width))
+        row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        return heat, (int((col + 0.5) * width / out_shape[1]), int((row + 0.5) * height / out_shape[0]))
 
     # ------------------------------------------------------------------------------- image queries
 

@@ -12,6 +12,10 @@
 ``GET /api/tiles/{id}/thumbnail``      a tile's pixels as JPEG (cached)
 ``GET /api/files``                     the indexed files, by id
 ``GET /api/files/{id}/overview``       a whole file, decimated, as JPEG (cached)
+``GET /api/files/{id}/localize?q=``    semantic localisation of a sentence in a file from its indexed tiles
+                                       (:meth:`rsitr_serve.search.TileSearcher.localize_in_file`): the
+                                       overview with the heat map over it, as JPEG; the hottest point
+                                       (file pixels) in the ``X-Rsitr-Hottest: x,y`` header
 =====================================  ======================================================
 
 Safety, by construction rather than by filtering:
@@ -66,6 +70,7 @@ from rsitr.data.images import to_rgb
 from rsitr.errors import RsitrError
 from rsitr.progress import get_logger
 from rsitr_serve.indexer import open_indexed
+from rsitr_serve.localize import colour_overlay
 from rsitr_serve.search import TileResult, TileSearcher
 from rsitr_serve.tiling import TileWindow
 
@@ -139,14 +144,28 @@ class SearchService:
         with open_indexed(row["path"], self.searcher.settings) as source:
             return _jpeg(source.thumbnail(_window(row), size))
 
-    def _overview(self, file_id: int, size: int) -> bytes:
+    def _file(self, file_id: int) -> Any:
         record = self.files.get(file_id)
         if record is None:
             raise HTTPException(404, f"no file {file_id} in the index")
+        return record
+
+    def _overview_pixels(self, file_id: int, size: int) -> np.ndarray:
+        record = self._file(file_id)
         with open_indexed(record.path, self.searcher.settings) as source:
             whole = TileWindow(1.0, 0, 0, record.width, record.height)
-            pixels = source.thumbnail(whole, min(size, max(record.width, record.height)))
-        return _jpeg(pixels)
+            return source.thumbnail(whole, min(size, max(record.width, record.height)))
+
+    def _overview(self, file_id: int, size: int) -> bytes:
+        return _jpeg(self._overview_pixels(file_id, size))
+
+    def localize(self, file_id: int, text: str, size: int) -> tuple[bytes, tuple[int, int]]:
+        """A JPEG of the file's overview with the heat map of ``text`` over it, and the hottest point (file px)."""
+        record = self._file(file_id)
+        pixels = self._overview_pixels(file_id, size)
+        with self.lock:
+            heat, hottest = self.searcher.localize_in_file(file_id, text, record.width, record.height, pixels.shape[:2])
+        return _jpeg(colour_overlay(pixels, heat)), hottest
 
 
 def _window(row: dict[str, Any]) -> TileWindow:
@@ -323,6 +342,13 @@ def _add_routes(app: FastAPI) -> None:
     def overview(request: Request, file_id: int, size: Annotated[int, Query(ge=64, le=2048)] = 1024) -> Response:
         return Response(service(request).overview(file_id, size), media_type="image/jpeg",
                         headers={"Cache-Control": "max-age=3600"})
+
+    @app.get("/api/files/{file_id}/localize")
+    async def localize(request: Request, file_id: int, q: Annotated[str, Query(min_length=1, max_length=MAX_QUERY_CHARS)],
+                       size: Annotated[int, Query(ge=64, le=2048)] = 1024) -> Response:
+        svc = service(request)
+        image, (x, y) = await svc.run(svc.localize, file_id, q, size)
+        return Response(image, media_type="image/jpeg", headers={"X-Rsitr-Hottest": f"{x},{y}"})
 
 
 def _file_json(record: Any, tiles: int, lonlat: tuple[float, float, float, float] | None) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from rsitr.backbones import Backbone, backbone_info, create_backbone
 from rsitr.data import RetrievalDataset
 from rsitr.data.images import decode_images, normalize
+from rsitr.devices import module_device
 from rsitr.errors import ConfigError, ImageReadError
 from rsitr.features import FeatureSpec, backbone_features
 from rsitr.features.compute import choose_boxes
@@ -156,13 +157,14 @@ def store_features(backbone: Backbone, store: ImageStore, image_ids: Tensor, spe
     Each distinct image runs through the backbone once; rows are then repeated to follow
     ``image_ids``. Returns the dict :meth:`ImageFeatures.select` returns for the same ids.
     """
-    unique, inverse = torch.unique(image_ids, return_inverse=True)
+    unique, inverse = torch.unique(image_ids.cpu(), return_inverse=True)
     rows = store.rows(unique)
     images, boxes = _transform(store.images[rows], store.boxes[rows], store.mask[rows], spec.image_size, augment, generator)
     info = backbone_info(spec.backbone)
-    features = backbone_features(backbone, normalize(images, info.mean, info.std), boxes, store.mask[rows], spec,
-                                 precision, given=store.given[rows])
-    return {key: value.index_select(0, inverse) for key, value in features.items()}
+    device = module_device(backbone)  # augmentation draws stay on the CPU generator; the backbone runs where it lives
+    features = backbone_features(backbone, normalize(images, info.mean, info.std).to(device), boxes.to(device),
+                                 store.mask[rows].to(device), spec, precision, given=store.given[rows].to(device))
+    return {key: value.index_select(0, inverse.to(device)) for key, value in features.items()}
 
 
 @torch.no_grad()

@@ -151,9 +151,11 @@ def backbone_parameters(name: str) -> int:
     return _BACKBONE_PARAMETERS[name]
 
 
-def run_variant(config: RunConfig, run_dir: Path, label: str, split: str, progress: bool = True) -> RunResult:
+def run_variant(config: RunConfig, run_dir: Path, label: str, split: str, progress: bool = True,
+                device: str | None = None) -> RunResult:
     """Train ``config`` in ``run_dir`` (resuming) and evaluate its best checkpoint on ``split``.
 
+    ``device``: where to train and evaluate (:func:`rsitr.devices.resolve_device`; None = the best available).
     A finished run (``result.json`` written for the same config and split) is reused as it is.
     """
     from rsitr.evaluation import extra_views
@@ -169,9 +171,9 @@ def run_variant(config: RunConfig, run_dir: Path, label: str, split: str, progre
             logger.info(f"{label} seed {config.train.seed}: reusing finished run {run_dir}")
             return RunResult(**saved["result"])
     started = time.perf_counter()
-    summary = train(config, run_dir, progress=progress)
+    summary = train(config, run_dir, progress=progress, device=device)
     seconds = time.perf_counter() - started
-    model, prepared = load_run(run_dir, progress=progress)
+    model, prepared = load_run(run_dir, progress=progress, device=device)
     metrics, sims, data = evaluate_split(model, prepared, split, progress=progress)
     result = RunResult(
         label=label, seed=config.train.seed, model=prepared.spec.name, metrics=metrics,
@@ -185,7 +187,7 @@ def run_variant(config: RunConfig, run_dir: Path, label: str, split: str, progre
 
 
 def run_variants(base: dict[str, Any], variants: list[Variant], seeds: list[int], out_dir: Path, split: str,
-                 progress: bool = True, resplits: int = 0) -> list[RunResult]:
+                 progress: bool = True, resplits: int = 0, device: str | None = None) -> list[RunResult]:
     """Every variant at every seed, each in ``out_dir/<label>/seed<k>``.
 
     ``resplits=N`` replaces the seeds: run k reallocates train + val with seed k
@@ -203,11 +205,12 @@ def run_variants(base: dict[str, Any], variants: list[Variant], seeds: list[int]
                     *variant.overrides, f"data.resplit={json.dumps([data.train_split, data.val_split])}",
                     f"data.split_seed={k}"]), k)
                 results.append(run_variant(config, out_dir / _slug(variant.label) / f"resplit{k}", variant.label,
-                                           split, progress))
+                                           split, progress, device))
             continue
         for seed in seeds:
             config = variant_config(base, variant, seed)
-            results.append(run_variant(config, out_dir / _slug(variant.label) / f"seed{seed}", variant.label, split, progress))
+            results.append(run_variant(config, out_dir / _slug(variant.label) / f"seed{seed}", variant.label, split, progress,
+                                       device))
     return results
 
 
@@ -344,7 +347,8 @@ def extra_tables(results: list[RunResult]) -> str:
 
 
 def run_benchmark(base: dict[str, Any], models: list[str], seeds: list[int], out_dir: Path,
-                  report_selection: bool = False, resplits: int = 0, progress: bool = True) -> tuple[Path, str]:
+                  report_selection: bool = False, resplits: int = 0, progress: bool = True,
+                  device: str | None = None) -> tuple[Path, str]:
     """Train and evaluate ``models`` (registered names or YAML paths) at every seed; write the report.
 
     The splits follow :func:`resolve_protocol`; ``resplits=N`` runs DOVE's Table I protocol instead
@@ -361,7 +365,7 @@ def run_benchmark(base: dict[str, Any], models: list[str], seeds: list[int], out
     variants = [Variant(label=Path(name).stem if name.endswith((".yaml", ".yml")) else name,
                         overrides=[f"model.name={json.dumps(name)}"]) for name in models]
     started = time.perf_counter()
-    results = run_variants(base, variants, seeds, out_dir, protocol.report_split, progress, resplits=resplits)
+    results = run_variants(base, variants, seeds, out_dir, protocol.report_split, progress, resplits=resplits, device=device)
     dataset = config_from_dict(copy.deepcopy(base)).data
     runs = f"{resplits} random train/val reallocation(s)" if resplits else f"{len(seeds)} seed(s)"
     title = f"{dataset.name or Path(dataset.path).stem}: {protocol.describe()}, {runs}"
@@ -436,12 +440,12 @@ def load_study(name: str | Path) -> Study:
 
 
 def run_study(study: Study, base: dict[str, Any], seeds: list[int], out_dir: Path, report_selection: bool = False,
-              progress: bool = True) -> tuple[Path, str]:
+              progress: bool = True, device: str | None = None) -> tuple[Path, str]:
     """Run every row of ``study`` on ``study.model`` (splits by :func:`resolve_protocol`); write the table (and the sweep plot)."""
     protocol = resolve_protocol(base, report_selection)
     base = _with_overrides(base, [*protocol.overrides, f"model.name={json.dumps(study.model)}"])
     started = time.perf_counter()
-    results = run_variants(base, study.rows, seeds, out_dir, protocol.report_split, progress)
+    results = run_variants(base, study.rows, seeds, out_dir, protocol.report_split, progress, device=device)
     title = f"{study.title}: {protocol.describe()}, {len(seeds)} seed(s)"
     path, text = write_report(out_dir, study.name, title, results, base, protocol,
                               extra={"study": study.name, "seeds": seeds,

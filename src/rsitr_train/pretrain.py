@@ -59,6 +59,8 @@ from torch import Tensor, nn
 from rsitr.backbones import Backbone, backbone_info, create_backbone
 from rsitr.data.imagefolder import ClassificationData
 from rsitr.data.images import decode_images, normalize
+from rsitr.devices import module_device, resolve_device
+from rsitr.distributed import env_world
 from rsitr.errors import ConfigError
 from rsitr.io import check_keys, check_writable, save_tensors, write_json
 from rsitr.precision import autocast, check_precision
@@ -312,6 +314,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Split
     In a CutMixed batch the accuracy counts a prediction of the image's own label as correct.
     """
     model.train()
+    device = module_device(model)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = round(config.warmup_epochs * steps_per_epoch)
     augment_rng = _generator(config.seed, epoch, 1)
@@ -328,8 +331,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Split
         donor_targets, own_share = targets, 1.0
         if config.cutmix > 0 and float(torch.rand((), generator=cutmix_rng)) < config.cutmix:
             images, donor_targets, own_share = cutmix_batch(images, targets, cutmix_rng)
-        with autocast(config.precision):
-            logits = model(_normalise(images, config))
+        targets, donor_targets = targets.to(device), donor_targets.to(device)
+        with autocast(config.precision, device):
+            logits = model(_normalise(images, config).to(device))
         loss = own_share * F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
         if own_share < 1.0:
             loss = loss + (1.0 - own_share) * F.cross_entropy(logits.float(), donor_targets,
@@ -369,12 +373,13 @@ def recalibrate_batchnorm(model: nn.Module, data: _Split, config: PretrainConfig
         m.reset_running_stats()
         m.momentum = None
     model.train()
+    device = module_device(model)
     chosen = torch.randperm(len(data.labels), generator=_generator(config.seed, epoch, 2))[:config.bn_images]
     try:
         for chunk in _eval_chunks(chosen, config.eval_batch_size or 2 * config.batch_size):
             images = eval_transform(data.images[chunk], config.image_size)
-            with autocast(config.precision):
-                model(_normalise(images, config))
+            with autocast(config.precision, device):
+                model(_normalise(images, config).to(device))
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -384,14 +389,15 @@ def recalibrate_batchnorm(model: nn.Module, data: _Split, config: PretrainConfig
 def evaluate(model: nn.Module, data: _Split, config: PretrainConfig, num_classes: int) -> dict[str, Any]:
     """Validation loss (without label smoothing), top-1 accuracy and per-class accuracy (None: no images)."""
     model.eval()
+    device = module_device(model)
     batch_size = config.eval_batch_size or 2 * config.batch_size
     loss_sum, predictions = 0.0, []
     for start in range(0, len(data.labels), batch_size):
         images = eval_transform(data.images[start:start + batch_size], config.image_size)
-        with autocast(config.precision):
-            logits = model(_normalise(images, config)).float()
-        loss_sum += float(F.cross_entropy(logits, data.labels[start:start + batch_size], reduction="sum"))
-        predictions.append(logits.argmax(dim=1))
+        with autocast(config.precision, device):
+            logits = model(_normalise(images, config).to(device)).float()
+        loss_sum += float(F.cross_entropy(logits, data.labels[start:start + batch_size].to(device), reduction="sum"))
+        predictions.append(logits.argmax(dim=1).cpu())
     predicted = torch.cat(predictions)
     hits = (predicted == data.labels).double()
     totals = torch.bincount(data.labels, minlength=num_classes)
@@ -486,7 +492,8 @@ def _summary(history: list[dict[str, Any]], data: ClassificationData, out_dir: P
     }
 
 
-def pretrain(config: PretrainConfig, data: ClassificationData, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def pretrain(config: PretrainConfig, data: ClassificationData, out_dir: str | Path, progress: bool = True,
+             device: str | torch.device | None = None) -> dict[str, Any]:
     """Train ``config.backbone`` to classify ``data`` and save its best-on-validation weights in ``out_dir``.
 
     Resumes when ``out_dir`` holds a ``resume.pt`` of the same configuration (only ``threads`` may
@@ -497,6 +504,11 @@ def pretrain(config: PretrainConfig, data: ClassificationData, out_dir: str | Pa
         A summary: best epoch and its validation top-1, final top-1, epochs run, classes, image
         counts, mean training images/s and seconds per epoch, and the checkpoint path.
 
+    ``device``: where to train (:func:`rsitr.devices.resolve_device`; None = the best available);
+    decoded images stay on the CPU and move batch by batch. Pretraining does not run
+    data-parallel: under ``torchrun`` with several processes it stops with a ConfigError (its
+    BatchNorm statistics and augmentation draws would need their own synchronisation).
+
     Raises:
         ConfigError: invalid configuration, fewer than two classes, or an ``out_dir`` holding
             another run.
@@ -504,12 +516,16 @@ def pretrain(config: PretrainConfig, data: ClassificationData, out_dir: str | Pa
     """
     config.validate()
     _check_data(data)
+    if env_world().distributed:
+        raise ConfigError("rsitr pretrain runs in one process: start it without torchrun (or with --nproc-per-node 1)")
+    where = resolve_device(device)
     out_dir = Path(out_dir)
     with cleaned_on_failure(out_dir, keep=RESUME):
-        return _pretrain(config, data, check_writable(out_dir), progress)
+        return _pretrain(config, data, check_writable(out_dir), progress, where)
 
 
-def _pretrain(config: PretrainConfig, data: ClassificationData, out_dir: Path, progress: bool) -> dict[str, Any]:
+def _pretrain(config: PretrainConfig, data: ClassificationData, out_dir: Path, progress: bool,
+              device: torch.device | None = None) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     resume_path = out_dir / RESUME
@@ -522,7 +538,7 @@ def _pretrain(config: PretrainConfig, data: ClassificationData, out_dir: Path, p
     logger.info(f"pretraining {config.backbone} on {data.summary()}; {data.source}")
     train, val = _decode_splits(config, data, progress)
 
-    model = build_classifier(config, data.num_classes)
+    model = build_classifier(config, data.num_classes).to(device or torch.device("cpu"))
     optimizer = build_optimizer(model, config)
     state, step = LoopState(), 0
     if payload is not None:

@@ -26,8 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rsitr.backbones import Backbone
 from rsitr.bundle import BACKBONE_FILE, MODEL_FILE, RUN_MODEL_JSON, load_model, vocab_digest
+from rsitr.devices import resolve_device
 from rsitr.errors import CheckpointError
 from rsitr.evaluation import chance_metrics, extra_views, format_table
 from rsitr.features import feature_dims, file_sha256
@@ -75,14 +78,17 @@ def save_backbone(path: Path, backbone: Backbone, epoch: int) -> None:
     save_tensors(path, backbone.state_dict(), metadata=metadata)
 
 
-def load_run(run_dir: str | Path, progress: bool = True, dataset: str | Path | None = None) -> tuple[RetrievalModel, Prepared]:
+def load_run(run_dir: str | Path, progress: bool = True, dataset: str | Path | None = None,
+             device: str | torch.device | None = None) -> tuple[RetrievalModel, Prepared]:
     """The model of a run directory with its best weights, and its dataset, ready to evaluate.
 
     The model comes from :func:`rsitr.load_model` (no dataset needed); the dataset — the run
     config's ``data.path``, or ``dataset`` when the data has moved — and for a frozen backbone its
     feature cache, come from the run's config. For an end-to-end run the trained backbone is
     attached (``prepared.backbone``) and :func:`evaluate_split` computes the split's features with it.
+    ``device``: where the model (and backbone) are put (:func:`rsitr.devices.resolve_device`; None = the best available).
     """
+    where = resolve_device(device)
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -94,14 +100,15 @@ def load_run(run_dir: str | Path, progress: bool = True, dataset: str | Path | N
     end_to_end = config.train.train_backbone
     splits = run_dir / SPLITS_FILE
     prepared = prepare(config, vocab=bundle.vocab, progress=progress, extract=not end_to_end,
-                       splits=splits if splits.is_file() else None)
+                       splits=splits if splits.is_file() else None, device=where)
     if end_to_end:
-        prepared.backbone = bundle.backbone
-    return bundle.model, prepared
+        prepared.backbone = bundle.backbone.to(where) if bundle.backbone is not None else None
+    return bundle.model.to(where), prepared
 
 
 def evaluate_run(run_dir: str | Path, split: str, json_path: str | Path | None = None,
-                 progress: bool = True, precision: str | None = None, dataset: str | None = None) -> dict[str, Any]:
+                 progress: bool = True, precision: str | None = None, dataset: str | None = None,
+                 device: str | torch.device | None = None) -> dict[str, Any]:
     """Evaluate a run directory on ``split``; write and return the result (:func:`result_table` prints it).
 
     ``precision`` (``"fp32"`` or ``"bf16"``) overrides the run's ``train.precision``; ``dataset``
@@ -110,7 +117,7 @@ def evaluate_run(run_dir: str | Path, split: str, json_path: str | Path | None =
     that its figures are optimistic. It also holds the reference code's tie order
     (``metrics_reference_ties``) and the distinct-text view (``metrics_distinct_text``).
     """
-    model, prepared = load_run(run_dir, progress=progress, dataset=dataset)
+    model, prepared = load_run(run_dir, progress=progress, dataset=dataset, device=device)
     precision = precision or prepared.config.train.precision
     started = time.perf_counter()
     metrics, sims, data = evaluate_split(model, prepared, split, progress=progress, precision=precision)

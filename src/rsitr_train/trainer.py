@@ -6,7 +6,24 @@ skeleton (resume, best checkpoint on validation, metrics, log line) is :mod:`rsi
 shared with backbone pretraining.
 
 ``train.precision: bf16`` runs the model's forward (``training_loss``, and validation scoring)
-under CPU bfloat16 autocast; master weights, gradients and the optimiser stay float32.
+under reduced-precision autocast of the run's device (:mod:`rsitr.precision`: bfloat16 on the
+CPU, bfloat16 or float16 on a GPU, float16 with loss scaling); master weights, gradients and the
+optimiser stay float32.
+
+Devices and processes: ``train(..., device=...)`` runs on any device :mod:`rsitr.devices`
+resolves (the run's files do not depend on it, so a run may be resumed elsewhere). Under
+``torchrun`` it is data-parallel (:mod:`rsitr.distributed`): every process draws the same global
+batch order and encodes its contiguous share of each global batch; the encodings are gathered
+with their gradients into the whole batch, and every process computes the model's loss over the
+global batch (:meth:`RetrievalModel.encoding_loss`), so the ranking losses see every negative a
+single process would. :class:`torch.nn.parallel.DistributedDataParallel` then averages the
+gradients. No scaling of the loss is needed for that average to be the single-process gradient:
+the backward of the gather sums, over the processes, the gradient every process computed for a
+process's rows, so the encoders' gradient arrives N times on average-by-N, and the scoring
+layers' gradient (the same on every process) once. Rank 0 alone writes the run's files;
+every process validates (the same result everywhere keeps the best-epoch decisions in step).
+End to end, each process's augmentation draws come from its own stream (seeded by seed, epoch
+and rank), so a distributed end-to-end run is the single-process run in distribution, not bit for bit.
 
 End-to-end training (``train.train_backbone: true``, :mod:`rsitr_train.end_to_end`) trains the
 backbone with the model instead of reading cached features:
@@ -25,7 +42,9 @@ backbone with the model instead of reading cached features:
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +57,14 @@ from rsitr.backbones import Backbone
 from rsitr.data import RetrievalDataset, load_dataset
 from rsitr.data.splits import apply_assignment, carve_selection, reallocate, write_assignment
 from rsitr.data.tokenized import SplitData, split_data
+from rsitr.devices import needs_grad_scaling, to_device
+from rsitr.distributed import World, barrier, gather_encoding, setup, shard_range, shard_sizes
 from rsitr.errors import CheckpointError, ConfigError
 from rsitr.evaluation import evaluate_features
 from rsitr.features import FeatureSpec, ImageFeatures, extract_features, feature_dims
 from rsitr.io import check_writable, write_text
 from rsitr.models import RetrievalModel, create_model, get_model_spec
-from rsitr.models.base import TrainingCorpus
+from rsitr.models.base import Encoding, TrainingCorpus
 from rsitr.models.registry import ModelSpec, build_config
 from rsitr.precision import autocast
 from rsitr.progress import get_logger, progress_bar
@@ -160,12 +181,12 @@ def _exclude(dataset: RetrievalDataset, path: str, train_split: str, against: li
 
 
 def prepare(config: RunConfig, vocab: Vocabulary | None = None, progress: bool = True, extract: bool = True,
-            splits: Path | None = None) -> Prepared:
+            splits: Path | None = None, device: str | torch.device | None = None) -> Prepared:
     """Read the dataset with the run's splits, build or load the vocabulary, and extract (or load cached) features.
 
     ``splits``: a stored split assignment (:func:`run_dataset`). ``extract=False`` skips the
     feature cache (``features`` is None): for an end-to-end run whose features come from its own
-    trained backbone.
+    trained backbone. ``device``: where the backbone extracts (None = the best available).
     """
     dataset = run_dataset(config, splits)
     for split in (config.data.train_split, config.data.val_split):
@@ -183,7 +204,7 @@ def prepare(config: RunConfig, vocab: Vocabulary | None = None, progress: bool =
     features = None
     if extract:
         features = extract_features(dataset, fspec, Path(config.features.cache_dir),
-                                    batch_size=config.features.batch_size, progress=progress)
+                                    batch_size=config.features.batch_size, progress=progress, device=device)
     return Prepared(config=config, dataset=dataset, vocab=vocab, features=features, spec=spec, feature_spec=fspec)
 
 
@@ -292,9 +313,13 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch
     return shuffled_batches(n, batch_size, torch.Generator().manual_seed(seed * 100_003 + epoch), min_last=2)
 
 
-def _augment_generator(seed: int, epoch: int) -> torch.Generator:
-    """The augmentation draws of an epoch, seeded by (seed, epoch) apart from the batch order."""
-    return torch.Generator().manual_seed((seed * 100_003 + epoch) * 2 + 1)
+def _augment_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The augmentation draws of an epoch, seeded by (seed, epoch) apart from the batch order.
+
+    Each process of a distributed run augments its share from its own stream (``rank``; rank 0's
+    is the single-process one), so two processes never draw the same warps for different images.
+    """
+    return torch.Generator().manual_seed((seed * 100_003 + epoch) * 2 + 1 + rank * 1_000_000_007)
 
 
 def _same_config(run_dir: Path, config: RunConfig) -> bool:
@@ -321,42 +346,65 @@ def _restore(payload: dict[str, Any], model: RetrievalModel, backbone: Backbone 
     return resumed_state(payload, best_key="best_mR")
 
 
-def train(config: RunConfig, run_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def train(config: RunConfig, run_dir: str | Path, progress: bool = True, device: str | torch.device | None = None) -> dict[str, Any]:
     """Train ``config`` into ``run_dir``; resumes when ``run_dir`` holds a ``resume.pt`` of the same config.
+
+    ``device``: where to train (:func:`rsitr.devices.resolve_device`; None = the best available).
+    Under ``torchrun`` every process calls this with the same arguments (see the module docstring).
 
     Returns a summary: best epoch, its validation metrics, seconds per epoch. A fresh run that
     fails before its first epoch is saved leaves no folder behind (:func:`cleaned_on_failure`).
     """
     run_dir = Path(run_dir)
-    with cleaned_on_failure(run_dir, keep=RESUME):
-        return _train(config, check_writable(run_dir, "run directory"), progress)
+    world, where = setup(device)
+    guard = cleaned_on_failure(run_dir, keep=RESUME) if world.main else contextlib.nullcontext()
+    with guard:
+        return _train(config, check_writable(run_dir, "run directory"), progress and world.main, where, world)
 
 
-def _train(config: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
+def _read_resume(run_dir: Path, config: RunConfig, world: World) -> dict[str, Any] | None:
+    """The resume payload of ``run_dir`` (None for a fresh start); rank 0 reads it first.
+
+    Rank 0 alone may set a damaged file aside (:func:`load_resume`), so the others read after it.
+    """
+    resume_path = run_dir / RESUME
+    payload = None
+    for turn in (True, False):
+        if world.main == turn and resume_path.exists():
+            if not _same_config(run_dir, config):
+                raise ConfigError(f"{run_dir}: holds a run with another config; choose a new --out or delete it")
+            payload = load_resume(resume_path)  # None when damaged (set aside): the run starts again
+        if turn:
+            barrier()
+    return payload
+
+
+def _train(config: RunConfig, run_dir: Path, progress: bool, device: torch.device | None = None,
+           world: World | None = None) -> dict[str, Any]:
     from rsitr_train.runs import BACKBONE_CHECKPOINT, CHECKPOINT, save_backbone, save_checkpoint
 
+    device = device or torch.device("cpu")
+    world = world or World()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     resume_path = run_dir / RESUME
-    payload = None
-    if resume_path.exists():
-        if not _same_config(run_dir, config):
-            raise ConfigError(f"{run_dir}: holds a run with another config; choose a new --out or delete it")
-        payload = load_resume(resume_path)  # None when damaged (set aside): the run starts again
+    payload = _read_resume(run_dir, config, world)
     vocab = Vocabulary.load(run_dir / "vocab.json") if payload is not None else None
     splits_path = run_dir / SPLITS_FILE
     prepared = prepare(config, vocab=vocab, progress=progress,
-                       splits=splits_path if payload is not None and splits_path.exists() else None)
-    write_text(run_dir / "config.yaml", config.to_yaml())
-    write_assignment(splits_path, prepared.dataset)
-    prepared.vocab.save(run_dir / "vocab.json")
+                       splits=splits_path if payload is not None and splits_path.exists() else None, device=device)
+    if world.main:
+        write_text(run_dir / "config.yaml", config.to_yaml())
+        write_assignment(splits_path, prepared.dataset)
+        prepared.vocab.save(run_dir / "vocab.json")
 
-    model = build_model(prepared, fit_statistics=payload is None)
+    model = build_model(prepared, fit_statistics=payload is None).to(device)
     train_data = split_data(prepared.dataset, config.data.train_split, prepared.vocab, config.text.max_length,
                             model.text_inputs, dataset_keywords=config.text.dataset_keywords)
     val_data = split_data(prepared.dataset, config.data.val_split, prepared.vocab, config.text.max_length, model.text_inputs)
     if config.train.train_backbone:
         _start_end_to_end(prepared, train_data.image_ids, val_data.image_ids, progress)
+        prepared.backbone = prepared.backbone.to(device) if prepared.backbone is not None else None
     backbone = prepared.backbone
     optimizer = _build_optimizer(model, backbone, config)
     scheduler = _lr_scheduler(optimizer, config)
@@ -364,6 +412,7 @@ def _train(config: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
     if payload is not None:
         state = _restore(payload, model, backbone, optimizer, scheduler, resume_path)
         logger.info(f"resuming {run_dir} at epoch {state.start_epoch + 1}/{config.train.epochs}")
+    stepper = Stepper(model, backbone, device, world, config.train.precision)
 
     model.prepare_training(TrainingCorpus(
         captions=prepared.dataset.captions, caption_image=prepared.dataset.caption_image,
@@ -379,7 +428,7 @@ def _train(config: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
 
     def run_epoch(epoch: int) -> EpochResult:
         started = time.perf_counter()
-        terms = _train_epoch(model, optimizer, prepared, train_data, epoch, progress)
+        terms = _train_epoch(model, optimizer, prepared, train_data, epoch, progress, stepper)
         train_seconds = time.perf_counter() - started
         metrics, _, _ = evaluate_split(model, prepared, config.data.val_split, progress=False, data=val_data)
         lrs = {"lr": optimizer.param_groups[0]["lr"]}
@@ -392,11 +441,15 @@ def _train(config: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
         return row, metrics["mR"]
 
     def save_best(epoch: int, row: dict[str, Any]) -> None:
+        if not world.main:
+            return
         if backbone is not None:
             save_backbone(run_dir / BACKBONE_CHECKPOINT, backbone, epoch + 1)
         save_checkpoint(run_dir / CHECKPOINT, model, prepared, epoch + 1, latest["metrics"])
 
     def save_state(epoch: int, current: LoopState) -> None:
+        if not world.main:
+            return
         extra = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         if backbone is not None:
             extra["backbone"] = backbone.state_dict()
@@ -407,7 +460,8 @@ def _train(config: RunConfig, run_dir: Path, progress: bool) -> dict[str, Any]:
                 f"  rsum {row['val_rsum']:.1f}  {row['train_seconds']:.1f}s{'  *best' if improved else ''}")
 
     def write_metrics(history: list[dict[str, Any]]) -> None:
-        write_history(run_dir, history, _plot, CURVES)
+        if world.main:
+            write_history(run_dir, history, _plot, CURVES)
 
     state = run_epochs(state, config.train.epochs, run_epoch, save_best, save_state, write_metrics, describe)
     history = state.history
@@ -428,36 +482,139 @@ def _trim(values: torch.Tensor) -> torch.Tensor:
     return values[:, : int(used.max()) + 1] if len(used) else values[:, :1]
 
 
-def _train_epoch(model: RetrievalModel, optimizer, prepared: Prepared, data: SplitData, epoch: int, progress: bool) -> dict[str, float]:
-    """One pass over the training captions; mean loss terms. End to end, the backbone steps as well."""
+class LossStep(torch.nn.Module):
+    """The loss of a global batch computed from this process's share of it (what DDP wraps).
+
+    ``forward`` encodes the share, gathers both encodings with their gradients into the global
+    batch (:func:`rsitr.distributed.gather_encoding`) and returns the model's loss terms over it
+    (:meth:`RetrievalModel.encoding_loss`). The backbone, when it trains end to end, is a
+    submodule so that DDP averages its gradients too; its features are computed inside
+    ``forward`` (``features`` may be a function that makes them) for the same reason.
+    """
+
+    def __init__(self, model: RetrievalModel, backbone: Backbone | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.backbone = backbone
+
+    def forward(self, features: dict[str, Tensor] | Any, tokens: Tensor, lengths: Tensor, extras: dict[str, Tensor],
+                image_ids: Tensor, caption_ids: Tensor, counts: list[int]) -> dict[str, Tensor]:
+        if callable(features):
+            features = features()
+        images: Encoding = gather_encoding(self.model.encode_image(features), counts)
+        texts: Encoding = gather_encoding(self.model.encode_text(tokens, lengths, **extras), counts)
+        return self.model.encoding_loss(images, texts, image_ids, caption_ids)
+
+
+class Stepper:
+    """One optimisation step on a global batch, in one process or as one of several (``torchrun``).
+
+    In one process the step is what it always was (``model.training_loss`` on the whole batch). In
+    a distributed run this process takes its contiguous share of the batch (:func:`shard_range`;
+    a process whose share is empty, when the batch is smaller than the world, encodes the batch's
+    first pair as a stand-in that the gather drops) and the loss comes from :class:`LossStep`
+    wrapped in DistributedDataParallel. DDP runs with ``static_graph``: the parameters a loss
+    uses are the same at every step, but some configurations leave some out (e.g. ACF without
+    ``global_loss``), which static_graph allows without searching the graph at every step as
+    ``find_unused_parameters`` would.
+    """
+
+    def __init__(self, model: RetrievalModel, backbone: Backbone | None, device: torch.device, world: World,
+                 precision: str) -> None:
+        self.model, self.device, self.world, self.precision = model, device, world, precision
+        self.scaler = torch.amp.GradScaler(device.type) if needs_grad_scaling(device, precision) else None
+        self.ddp: torch.nn.Module | None = None
+        if world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if type(model).encoding_loss is RetrievalModel.encoding_loss:
+                raise ConfigError(f"model {type(model).__name__} computes its loss in training_loss only; data-parallel "
+                                  "training needs its encoding_loss (the loss from the encodings of a batch)")
+
+            self.ddp = DistributedDataParallel(LossStep(model, backbone), device_ids=[device] if device.type == "cuda" else None,
+                                               static_graph=True)
+
+    def share(self, batch_size: int) -> tuple[Tensor, list[int]]:
+        """Positions in the global batch of this process's rows, and the real rows of every process."""
+        counts = shard_sizes(batch_size, self.world.size)
+        rows = shard_range(batch_size, self.world.rank, self.world.size)
+        positions = torch.arange(rows.start, rows.stop) if len(rows) else torch.zeros(1, dtype=torch.long)
+        return positions, counts
+
+    def loss_terms(self, features: dict[str, Tensor] | Any, tokens: Tensor, lengths: Tensor, extras: dict[str, Tensor],
+                   image_ids: Tensor, caption_ids: Tensor, counts: list[int]) -> dict[str, Tensor]:
+        """Loss terms of the global batch (``image_ids``, ``caption_ids``) from this process's inputs."""
+        d = self.device
+        tokens, lengths, extras = tokens.to(d), lengths.to(d), to_device(extras, d)
+        image_ids, caption_ids = image_ids.to(d), caption_ids.to(d)
+        with autocast(self.precision, d):
+            if self.ddp is None:
+                made = features() if callable(features) else features
+                return self.model.training_loss(to_device(made, d), tokens, lengths, image_ids, caption_ids=caption_ids,
+                                                **extras)
+            on_device = (lambda: to_device(features(), d)) if callable(features) else to_device(features, d)
+            return self.ddp(on_device, tokens, lengths, extras, image_ids, caption_ids, counts)
+
+    def backward_and_step(self, loss: Tensor, optimizer: torch.optim.Optimizer, grad_clip: float) -> None:
+        """Backward (DDP averages the gradients), clip per parameter group, step (with loss scaling for float16)."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(optimizer)
+        if grad_clip > 0:  # after backward, before step; per group so one cannot starve the other
+            for group in optimizer.param_groups:
+                torch.nn.utils.clip_grad_norm_(group["params"], grad_clip)
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+
+def _train_epoch(model: RetrievalModel, optimizer, prepared: Prepared, data: SplitData, epoch: int, progress: bool,
+                 stepper: Stepper | None = None) -> dict[str, float]:
+    """One pass over the training captions; mean loss terms. End to end, the backbone steps as well.
+
+    ``stepper``: how a step runs (device, processes); None = one process on the CPU.
+    """
     config = prepared.config.train
+    stepper = stepper or Stepper(model, prepared.backbone, torch.device("cpu"), World(), config.precision)
     model.train()
     backbone = prepared.backbone
     generator = None
     if backbone is not None:
         backbone_train_mode(backbone)
-        generator = _augment_generator(config.seed, epoch) if config.effective_augment else None
+        generator = _augment_generator(config.seed, epoch, stepper.world.rank) if config.effective_augment else None
     augment = end_to_end_augment() if generator is not None else None
     sums: dict[str, float] = {}
     batches = _epoch_batches(len(data.lengths), config.batch_size, config.seed, epoch)
     for batch in progress_bar(batches, desc=f"epoch {epoch + 1}", enabled=progress):
+        positions, counts = stepper.share(len(batch))
         lengths = data.lengths[batch]
-        tokens = data.tokens[batch, : int(lengths.max())]
+        tokens = data.tokens[batch, : int(lengths.max())]  # the global batch's width on every process
         image_ids = data.caption_image[batch]
+        mine = image_ids[positions]
         if backbone is None:
-            features = prepared.features.select(image_ids)
+            if prepared.features is None:
+                raise ConfigError("training from cached features needs them (prepare with extract=True)")
+            features: Any = prepared.features.select(mine)
         else:
-            features = store_features(backbone, prepared.images, image_ids, prepared.feature_spec, config.precision,
-                                      augment, generator)
-        extras = {name: _trim(value[batch]) for name, value in data.extras.items()}
-        with autocast(config.precision):
-            terms = model.training_loss(features, tokens, lengths, image_ids, caption_ids=data.caption_ids[batch], **extras)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        if config.grad_clip > 0:  # after backward, before step; per group so one cannot starve the other
-            for group in optimizer.param_groups:
-                torch.nn.utils.clip_grad_norm_(group["params"], config.grad_clip)
-        optimizer.step()
+            features = _backbone_features(backbone, prepared, mine, config.precision, augment, generator)
+        extras = {name: _trim(value[batch])[positions] for name, value in data.extras.items()}
+        terms = stepper.loss_terms(features, tokens[positions], lengths[positions], extras, image_ids,
+                                   data.caption_ids[batch], counts)
+        stepper.backward_and_step(terms["loss"], optimizer, config.grad_clip)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach())
     return {name: round(total / max(1, len(batches)), 5) for name, total in sums.items()}
+
+
+def _backbone_features(backbone: Backbone, prepared: Prepared, image_ids: Tensor, precision: str, augment: Any,
+                       generator: torch.Generator | None) -> Callable[[], dict[str, Tensor]]:
+    """A function making the features of ``image_ids`` with the training backbone (called inside the step)."""
+    store = prepared.images
+    if store is None:
+        raise ConfigError("end-to-end training needs the decoded images (prepared.images)")
+    return lambda: store_features(backbone, store, image_ids, prepared.feature_spec, precision, augment, generator)

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from rsitr.data.dataset import RetrievalDataset
+from rsitr.distributed import all_agree, barrier, is_main
 from rsitr.errors import CheckpointError, ConfigError
 from rsitr.features.compute import compute_dataset_tensors
 from rsitr.features.spec import FEATURES_FORMAT, MAP_PREFIX, TENSOR_KEYS, FeatureSpec, parse_maps
@@ -157,33 +158,41 @@ def _load_cached(path: Path, key: str, dataset: RetrievalDataset) -> ImageFeatur
 
 
 def compute_features(dataset: RetrievalDataset, spec: FeatureSpec, batch_size: int = 32,
-                     progress: bool = True) -> ImageFeatures:
-    """Features of every image of ``dataset`` (all splits, dataset order); no cache is read or written."""
-    tensors = compute_dataset_tensors(dataset, spec, batch_size=batch_size, progress=progress)
+                     progress: bool = True, device: str | torch.device | None = None) -> ImageFeatures:
+    """Features of every image of ``dataset`` (all splits, dataset order); no cache is read or written.
+
+    ``device``: where the backbone runs (None = the best available); the features are CPU tensors.
+    """
+    tensors = compute_dataset_tensors(dataset, spec, batch_size=batch_size, progress=progress, device=device)
     return _from_tensors(tensors, list(dataset.image_files), spec, "")
 
 
 def extract_features(dataset: RetrievalDataset, spec: FeatureSpec, cache_dir: str | Path | None,
-                     batch_size: int = 32, progress: bool = True) -> ImageFeatures:
+                     batch_size: int = 32, progress: bool = True, device: str | torch.device | None = None) -> ImageFeatures:
     """Features of every image of ``dataset``, from the cache when it is valid, else computed.
 
     The cache file (:meth:`FeatureSpec.cache_path`) is reused only if its stored key and image
     list equal this dataset's; otherwise (or if unreadable) the features are recomputed and the
-    file is replaced atomically. ``cache_dir=None`` computes without caching.
+    file is replaced atomically. ``cache_dir=None`` computes without caching. ``device``: where
+    the backbone runs (None = the best available); it is not part of the cache key.
+
+    In a distributed run (``torchrun``) every process must call this: the cache is used only when
+    every process finds it valid (one vote, so no process computes alone), the images are shared
+    out among the processes (:func:`compute_dataset_tensors`), and rank 0 alone writes the file.
     """
     key = spec.cache_key(dataset)
     path = spec.cache_path(dataset, cache_dir, key) if cache_dir is not None else None
-    if path is not None and path.is_file():
-        cached = _load_cached(path, key, dataset)
-        if cached is not None:
-            cached.spec = spec  # same key, so equivalent; keep the caller's paths
-            logger.info("features: loaded %d images from cache %s", cached.num_images, path.name)
-            return cached
-    if cache_dir is not None:
+    cached = _load_cached(path, key, dataset) if path is not None and path.is_file() else None
+    if path is not None and all_agree(cached is not None) and cached is not None:
+        cached.spec = spec  # same key, so equivalent; keep the caller's paths
+        logger.info("features: loaded %d images from cache %s", cached.num_images, path.name)
+        return cached
+    if cache_dir is not None and is_main():
         check_writable(cache_dir, "feature cache")  # before minutes of extraction; a valid cache may sit read-only
-    features = compute_features(dataset, spec, batch_size=batch_size, progress=progress)
+    features = compute_features(dataset, spec, batch_size=batch_size, progress=progress and is_main(), device=device)
     features.cache_key = key
-    if path is not None:
+    if path is not None and is_main():
         save_features(path, features)
+    barrier()  # the file is there for every process once this returns
     return features
 

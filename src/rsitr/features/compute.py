@@ -28,11 +28,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torch.distributed import broadcast
 from torch.nn import functional as F
 
 from rsitr.backbones import Backbone, backbone_info, create_backbone
 from rsitr.data.dataset import RetrievalDataset
 from rsitr.data.images import load_image, normalize, resize_rgb, to_rgb
+from rsitr.distributed import process_device, shard_range, world
 from rsitr.errors import ConfigError
 from rsitr.features.detections import Detections, lookup, own_boxes, read_detections, select_boxes
 from rsitr.features.proposals import activation_boxes, proposal_levels
@@ -145,15 +147,18 @@ def image_batch(images: Sequence[ImageInput], spec: FeatureSpec,
     return _batch(tensors, chosen, masks, own, spec)
 
 
+def batch_ranges(n: int, batch_size: int) -> list[range]:
+    """The image rows of each extraction batch: ``range(n)`` cut every ``batch_size`` rows."""
+    return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
 def _prefetched(dataset: RetrievalDataset, spec: FeatureSpec, detections: Detections | None,
-                batch_size: int) -> Iterator[tuple[range, ImageBatch]]:
-    """Batches in order, the next one decoding in a thread while the caller computes this one.
+                ranges: list[range]) -> Iterator[tuple[range, ImageBatch]]:
+    """The batches of ``ranges`` in order, the next one decoding in a thread while the caller computes this one.
 
     PIL releases the GIL while decoding and resizing, so one loader thread overlaps image I/O
     with the backbone without the start-up cost of worker processes.
     """
-    n = dataset.num_images
-    ranges = [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsitr-images") as pool:
         pending: list[Future[ImageBatch]] = [pool.submit(dataset_batch, dataset, r, spec, detections) for r in ranges[:2]]
         for i, r in enumerate(ranges):
@@ -177,7 +182,7 @@ def backbone_features(model: Backbone, images: Tensor, boxes: Tensor, mask: Tens
         boxes: (B, N_r, 4) region boxes in image pixels (as :func:`rsitr.features.detections.select_boxes` gives).
         mask: (B, N_r) bool, False for padding boxes (their features are zero).
         spec: which levels, maps and regions to compute.
-        precision: ``"fp32"`` or ``"bf16"`` (CPU autocast of the backbone only); None = ``spec.precision``.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast of the backbone only, on the images' device); None = ``spec.precision``.
         given: (B,) bool, True where ``boxes`` are the image's own and are kept whatever
             ``spec.boxes`` says (see :class:`ImageBatch`). None: every image's boxes are its own
             when ``spec.detections`` is set, and none are otherwise.
@@ -190,7 +195,7 @@ def backbone_features(model: Backbone, images: Tensor, boxes: Tensor, mask: Tens
         ``given`` under ``spec.boxes="activation"``).
     """
     images = images.contiguous(memory_format=torch.channels_last)
-    with autocast(precision or spec.precision):
+    with autocast(precision or spec.precision, images.device):
         levels = model.forward_levels(images)
     levels = [lvl.float() for lvl in levels]
     out = {key: lvl.mean(dim=(2, 3)) for key, lvl in zip(LEVEL_KEYS, levels)}
@@ -269,27 +274,59 @@ def _allocate(n: int, spec: FeatureSpec) -> dict[str, Tensor]:
 
 
 def compute_dataset_tensors(dataset: RetrievalDataset, spec: FeatureSpec, batch_size: int = 32,
-                            progress: bool = True) -> dict[str, Tensor]:
+                            progress: bool = True, device: str | torch.device | None = None) -> dict[str, Tensor]:
     """Run the frozen backbone over every image of ``dataset`` (all splits, dataset order).
 
-    Returns the stored tensors (:func:`as_stored`) by name; no cache is read or written. Logs the
-    throughput (images/s).
+    Returns the stored tensors (:func:`as_stored`) by name, on the CPU; no cache is read or
+    written. Logs the throughput (images/s). ``device``: where the backbone runs
+    (:func:`rsitr.distributed.process_device`; None = the best available).
+
+    In a distributed run (``torchrun``) every process computes a contiguous share of the batches
+    (:func:`rsitr.distributed.shard_range` over the batch list, so every batch holds exactly the
+    images it holds in one process and goes through the same computation), then each share is
+    broadcast from its process, so that every process returns the tensors of all images, as one
+    process would have computed them.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     detections = read_detections(spec.detections) if spec.detections is not None else None
-    model = load_backbone(spec)
+    where = process_device(device)
+    model = load_backbone(spec).to(where)
     n = dataset.num_images
     out = _allocate(n, spec)
+    ranges = batch_ranges(n, batch_size)
+    me = world()
+    shares = [[ranges[i] for i in shard_range(len(ranges), rank, me.size)] for rank in range(me.size)]
+    mine = shares[me.rank]
+    count = sum(len(r) for r in mine)
     start = time.perf_counter()
-    with torch.inference_mode(), progress_bar(total=n, desc="features", unit="img", enabled=progress, leave=True) as bar:
-        for rows, batch in _prefetched(dataset, spec, detections, batch_size):
-            result = as_stored(backbone_features(model, batch.images, batch.boxes, batch.mask, spec, given=batch.given),
-                               spec)
+    with torch.inference_mode(), progress_bar(total=count, desc="features", unit="img", enabled=progress, leave=True) as bar:
+        for rows, batch in _prefetched(dataset, spec, detections, mine):
+            images, boxes, mask, given = (t.to(where) for t in (batch.images, batch.boxes, batch.mask, batch.given))
+            result = as_stored(backbone_features(model, images, boxes, mask, spec, given=given), spec)
             for key in out:
-                out[key][rows.start:rows.stop] = result[key]
+                out[key][rows.start:rows.stop] = result[key].cpu()
             bar.update(len(rows))
+    if me.distributed:
+        _share_rows(out, [range(s[0].start, s[-1].stop) if s else range(0) for s in shares], where)
     seconds = time.perf_counter() - start
-    logger.info("features: %d images in %.1f s (%.1f images/s, %s %s)", n, seconds,
-                n / seconds if seconds > 0 else float("nan"), spec.backbone, spec.precision)
+    logger.info("features: %d images in %.1f s (%.1f images/s, %s %s%s)", count, seconds,
+                count / seconds if seconds > 0 else float("nan"), spec.backbone, spec.precision,
+                f", process {me.rank + 1} of {me.size}" if me.distributed else "")
     return out
+
+
+def _share_rows(out: dict[str, Tensor], rows: list[range], device: torch.device) -> None:
+    """Fill ``out`` on every process with each process's ``rows`` (broadcast from their owner, in place).
+
+    Tensors travel through ``device`` (NCCL broadcasts GPU tensors only); bool as uint8, since not
+    every backend broadcasts bool.
+    """
+    for owner, part in enumerate(rows):
+        if not len(part):
+            continue
+        for key in sorted(out):
+            value = out[key][part.start:part.stop]
+            payload = (value.to(torch.uint8) if value.dtype == torch.bool else value).to(device).contiguous()
+            broadcast(payload, src=owner)
+            out[key][part.start:part.stop] = payload.to(value.dtype).cpu()

@@ -425,13 +425,10 @@ class ACF(RetrievalModel):
             columns.append(torch.cat([self.scorer.score(image, text) for image in image_tiles], dim=0))
         return torch.cat(columns, dim=1)[:, torch.argsort(order)]
 
-    def training_loss(self, features: dict[str, torch.Tensor], tokens: torch.Tensor, lengths: torch.Tensor,
-                      image_ids: torch.Tensor, caption_ids: torch.Tensor | None = None,
-                      **extras: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encoding_loss(self, images: Encoding, texts: Encoding, image_ids: torch.Tensor,
+                      caption_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Eq. 15: triplet loss on the ACF score plus, with ``global_loss``, L_g on cos(v^(g), T^(g))."""
         c = self.config
-        images = self.encode_image(features)
-        texts = self.encode_text(tokens, lengths)
         same = same_image_mask(image_ids)
         local = triplet_ranking_loss(self.similarity(images, texts), same, c.margin, c.loss_reduction)
         terms = {"local": local.detach()}

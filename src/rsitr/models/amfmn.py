@@ -420,11 +420,10 @@ class AMFMN(RetrievalModel):
         prior = torch.as_tensor(np.asarray(scores, dtype=np.float32)).T  # rows: images, columns: captions
         return dynamic_margin(prior.clamp(0.0, 1.0), self.config.gamma, self.config.beta)
 
-    def training_loss(self, features: dict[str, torch.Tensor], tokens: torch.Tensor, lengths: torch.Tensor,
-                      image_ids: torch.Tensor, caption_ids: torch.Tensor | None = None,
-                      **extras: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encoding_loss(self, images: Encoding, texts: Encoding, image_ids: torch.Tensor,
+                      caption_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Eq. 30 on the batch's B × B scores with the per-pair margins of Eq. 29; ``margin`` is their mean."""
-        sims = self.similarity(self.encode_image(features), self.encode_text(tokens, lengths, **extras))
+        sims = self.similarity(images, texts)
         same = same_image_mask(image_ids.to(sims.device))
         margins = self.pair_margins(image_ids, caption_ids).to(sims.device)
         loss = triplet_ranking_loss(sims, same, margins, self.config.loss_reduction)

@@ -95,6 +95,10 @@ class RetrievalModel(nn.Module):
     #: cosine ranks candidates without the full (pairwise) score: a first retrieval stage that a
     #: vector index can serve. None when the model has no such pair.
     first_stage: ClassVar[tuple[str, str] | None] = None
+    #: keys ``(image_key, text_key)`` of :meth:`pair_embeddings` whose cosine is the model's final
+    #: pair score (the "final visual and textual embeddings" DOVE's Fig. 10 plots); None when the
+    #: model does not implement :meth:`pair_embeddings`.
+    final_pair: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -116,6 +120,22 @@ class RetrievalModel(nn.Module):
         """(n_images, n_texts) scores of every image of ``images`` against every text of ``texts``."""
         raise NotImplementedError
 
+    def pair_embeddings(self, images: Encoding, texts: Encoding) -> dict[str, torch.Tensor]:
+        """Named intermediate embeddings of ALIGNED pairs: row k of ``images`` with row k of ``texts``.
+
+        For analyses of the embedding space (DOVE Sec. IV-F, Figs. 9–10): every returned tensor has
+        one row per pair, (n, d), under the model's own name for it (DOVE: ``V_M``, ``V_R``,
+        ``V_MR``, ``T_G``, ``T_RG``); :attr:`final_pair` names the two whose cosine is the final
+        score, so ``cos(out[final_pair[0]][k], out[final_pair[1]][k])`` is the final score of pair k.
+        Only the n given pairs are computed, never the n × n matrix, so a pairwise model's
+        candidate-dependent text embedding is affordable for every positive pair of a split.
+
+        Raises:
+            NotImplementedError: the model does not name its intermediate embeddings (the default);
+                the message names the architecture.
+        """
+        raise NotImplementedError(f"model {self.architecture or type(self).__name__!r} does not expose named pair embeddings")
+
     def training_loss(
         self,
         features: dict[str, torch.Tensor],
@@ -129,6 +149,20 @@ class RetrievalModel(nn.Module):
 
         ``image_ids`` and ``caption_ids`` are dataset ids (captions of one image are positives of
         each other, never negatives); ``extras`` are the ``text_inputs`` of the batch's captions.
+
+        The default encodes both sides and hands the encodings to :meth:`encoding_loss`; that
+        split is what lets distributed training (:mod:`rsitr.distributed`) encode each process's
+        share of a batch, gather the encodings, and compute the loss over the whole batch.
+        """
+        return self.encoding_loss(self.encode_image(features), self.encode_text(tokens, lengths, **extras),
+                                  image_ids, caption_ids)
+
+    def encoding_loss(self, images: Encoding, texts: Encoding, image_ids: torch.Tensor,
+                      caption_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Named loss terms of B pairs from their encodings (row k of ``images`` pairs with row k of ``texts``).
+
+        Encodings depend on one item only, so the encodings of a batch may be computed in parts
+        (by several processes) and joined (:func:`concat_encodings`) before this is called.
         """
         raise NotImplementedError
 

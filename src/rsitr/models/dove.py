@@ -203,15 +203,34 @@ class IGA(nn.Module):
         self.scale = 1.0 / math.sqrt(dim) if score_scale else 1.0
         self.pair_block = pair_block
 
+    def project(self, region_mean: torch.Tensor, text_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """F'_R = W_R E_R + b_R and F'_G = W_G E_G + b_G (Eq. 24–25), one row per image / caption."""
+        return self.regional(region_mean), self.textual(text_mean)
+
+    def gate(self, dots: torch.Tensor) -> torch.Tensor:
+        """s = σ(F'_R · F'_G · scale) of Eq. 26 from the dot products (scale 1/√d with ``score_scale``)."""
+        return torch.sigmoid(dots * self.scale)
+
+    def aligned_texts(self, region_mean: torch.Tensor, text_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(F'_R, T_RG) of aligned pairs: row k of the images guides row k of the captions.
+
+        ``T_RG_k = head(s_k F'_G_k + F'_R_k)`` (Eq. 26–28 restricted to one pair): the explicit
+        form that :meth:`pair_scores` expands, for speed, into the cosine of every pair (the
+        blocks of ``_nonlinear_block`` and the closed form of ``_linear_head_cosine``); the
+        cosine of V_MR_k with it is the diagonal of :meth:`pair_scores`.
+        """
+        r, g = self.project(region_mean, text_mean)
+        s = self.gate((r * g).sum(-1, keepdim=True))
+        return r, self.head(s * g + r)
+
     def pair_scores(self, region_mean: torch.Tensor, text_mean: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         """cos(V_MR_i, T_RG_ij) for all i, j: (n_images, n_texts).
 
         The first linear layer of the head is applied to r and g separately (it is linear, so
         ``W(s g + r) = s Wg + Wr``), which leaves one d × d product per pair for the non-linear head.
         """
-        r = self.regional(region_mean)  # F'_R, (n_i, d)
-        g = self.textual(text_mean)  # F'_G, (n_t, d)
-        s = torch.sigmoid(r @ g.T * self.scale)  # Eq. 26, (n_i, n_t)
+        r, g = self.project(region_mean, text_mean)  # F'_R (n_i, d), F'_G (n_t, d)
+        s = self.gate(r @ g.T)  # Eq. 26, (n_i, n_t)
         if self.head_kind == "linear":
             return self._linear_head_cosine(r, g, s, visual)
         # Tiles of about pair_block pairs keep the (tile, d) temporaries cache-sized.
@@ -270,6 +289,8 @@ class DOVE(RetrievalModel):
     image_inputs = ("level1", "level2", "level3", "level4", "regions", "region_mask")
     #: V_M and T_G (Eq. 29): the separable pair the global constraint (Eq. 30–31) trains.
     first_stage = ("global", "global")
+    #: V_MR and T_RG: the final pair of Eq. 31, whose cosine is ``final_scores`` (see ``pair_embeddings``).
+    final_pair = ("V_MR", "T_RG")
 
     def __init__(self, config: DoveConfig, feature_dims: dict[str, Any], vocab_size: int) -> None:
         super().__init__(config)
@@ -317,6 +338,28 @@ class DOVE(RetrievalModel):
             return cosine_matrix(images["visual"], texts["global"])
         return self.iga.pair_scores(images["region_mean"], texts["global"], images["visual"])
 
+    def pair_embeddings(self, images: Encoding, texts: Encoding) -> dict[str, torch.Tensor]:
+        """V_M, V_R, V_MR, T_G and T_RG of aligned pairs (row k of ``images`` with row k of ``texts``).
+
+        The embeddings of Sec. IV-F-2 / Fig. 9: V_M = the mean multiscale embedding (Eq. 29),
+        V_MR = the final visual embedding, T_G = the mean word-level text embedding (Eq. 23, 29),
+        T_RG = the IGA-guided text of the pair (Eq. 26–28, :meth:`IGA.aligned_texts`).
+
+        V_R is the regional embedding *as IGA uses it*, F'_R = W_R E_R + b (Eq. 24): the paper says
+        the regional embedding acts on the distances "by linear transformation as orientation",
+        and F'_R is the term Eq. 27 adds to the text, so d(V_R, T_RG) < d(V_R, T_G) tests that
+        orientation directly. Without IGA there is no such transformation: V_R = E_R (Eq. 23)
+        and T_RG = T_G.
+        """
+        if images["visual"].shape[0] != texts["global"].shape[0]:
+            raise ValueError(f"pair_embeddings needs aligned rows: {images['visual'].shape[0]} images, "
+                             f"{texts['global'].shape[0]} texts")
+        if self.iga is None:
+            regional, guided = images["region_mean"], texts["global"]
+        else:
+            regional, guided = self.iga.aligned_texts(images["region_mean"], texts["global"])
+        return {"V_M": images["global"], "V_R": regional, "V_MR": images["visual"], "T_G": texts["global"], "T_RG": guided}
+
     def similarity(self, images: Encoding, texts: Encoding) -> torch.Tensor:
         """The ranking score of ``test_score``: the final cosine, plus cos(V_M, T_G) for ``final+global``."""
         scores = self.final_scores(images, texts)
@@ -324,9 +367,8 @@ class DOVE(RetrievalModel):
             scores = scores + cosine_matrix(images["global"], texts["global"])
         return scores
 
-    def training_loss(self, features, tokens, lengths, image_ids, caption_ids=None, **extras) -> dict[str, torch.Tensor]:
-        images = self.encode_image(features)
-        texts = self.encode_text(tokens, lengths)
+    def encoding_loss(self, images: Encoding, texts: Encoding, image_ids: torch.Tensor,
+                      caption_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         same = same_image_mask(image_ids)
         final = triplet_ranking_loss(self.final_scores(images, texts), same, self.config.margin)
         constraint = triplet_ranking_loss(cosine_matrix(images["global"], texts["global"]), same, self.config.margin)

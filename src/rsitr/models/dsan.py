@@ -308,11 +308,10 @@ class DSAN(RetrievalModel):
         words = texts["words"][:, :longest]
         return self.sam(images["regions"], words, length_mask(lengths, longest))
 
-    def training_loss(self, features: dict[str, torch.Tensor], tokens: torch.Tensor, lengths: torch.Tensor,
-                      image_ids: torch.Tensor, caption_ids: torch.Tensor | None = None,
-                      **extras: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encoding_loss(self, images: Encoding, texts: Encoding, image_ids: torch.Tensor,
+                      caption_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Eq. 18: hinge on the hardest in-batch negative caption and image of every positive pair."""
-        sims = self.similarity(self.encode_image(features), self.encode_text(tokens, lengths))
+        sims = self.similarity(images, texts)
         loss = triplet_ranking_loss(sims, same_image_mask(image_ids), self.config.margin, reduction="hardest")
         positive = sims.diagonal().detach().mean()
         return {"loss": loss, "positive": positive}

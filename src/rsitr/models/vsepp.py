@@ -121,6 +121,6 @@ class VSEPP(RetrievalModel):
         """ℓ_MH (or ℓ_SH) of a (B, B) score matrix whose diagonal holds the positive pairs."""
         return vse_ranking_loss(sims, image_ids, self.config.margin, self.config.hardest_negative)
 
-    def training_loss(self, features, tokens, lengths, image_ids, caption_ids=None, **extras) -> dict[str, torch.Tensor]:
-        sims = self.similarity(self.encode_image(features), self.encode_text(tokens, lengths))
-        return {"loss": self.ranking_loss(sims, image_ids)}
+    def encoding_loss(self, images: Encoding, texts: Encoding, image_ids: torch.Tensor,
+                      caption_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {"loss": self.ranking_loss(self.similarity(images, texts), image_ids)}

@@ -11,6 +11,8 @@ const state = {
   results: [],       // the Result objects of the last answer, best first
   selected: -1,      // index into results of the card the overview shows
   overviewFile: null, // file_id the overview image shows
+  textQuery: null,   // the sentence of the last text query (null after an image query): what the heat map localises
+  heat: false,       // whether the overview shows the heat map of textQuery over the file
   latest: 0,         // number of the latest query: answers to older ones are dropped
 };
 
@@ -122,11 +124,13 @@ async function runQuery(title, request, { focusFirst = false } = {}) {
 }
 
 function searchText(text, k) {
+  state.textQuery = text;
   const query = new URLSearchParams({ q: text, k: String(k) });
   return runQuery(`Results for “${text}”`, () => callApi(`/api/search?${query}`));
 }
 
 function searchLikeTile(result) {
+  state.textQuery = null;
   const form = new FormData();
   form.append("tile_id", String(result.tile_id));
   form.append("k", page.k.value);
@@ -135,6 +139,7 @@ function searchLikeTile(result) {
 }
 
 function searchLikeUpload(file) {
+  state.textQuery = null;
   const form = new FormData();
   form.append("image", file, file.name);
   form.append("k", page.k.value);
@@ -224,11 +229,17 @@ function selectResult(index) {
 /** The selected result's whole file, with every result tile of that file boxed where it lies. */
 function showOverview(selected) {
   page.overview.hidden = false;
-  if (state.overviewFile !== selected.file_id) {
+  page.heatToggle.hidden = state.textQuery === null;
+  if (state.textQuery === null) {
+    state.heat = false;
+  }
+  page.heatToggle.setAttribute("aria-pressed", String(state.heat));
+  const source = overviewSource(selected);
+  if (page.overviewImage.getAttribute("src") !== source) {
     state.overviewFile = selected.file_id;
     page.overviewFrame.style.aspectRatio = `${selected.file_width} / ${selected.file_height}`;
-    page.overviewImage.src = `/api/files/${selected.file_id}/overview?size=${OVERVIEW_SIZE}`;
-    page.overviewImage.alt = `overview of ${selected.file}`;
+    page.overviewImage.src = source;
+    page.overviewImage.alt = state.heat ? `where “${state.textQuery}” is in ${selected.file}` : `overview of ${selected.file}`;
     page.overviewImage.classList.remove("pixelated");
   }
   page.overviewTitle.textContent = selected.file;
@@ -236,6 +247,23 @@ function showOverview(selected) {
   page.overviewMeta.textContent = `${formatCount(selected.file_width)} × ${formatCount(selected.file_height)} px · `
     + `${inFile.length} of these results lie in it`;
   page.overviewBoxes.replaceChildren(...inFile.map((r) => buildBox(r, r === selected)));
+}
+
+/** The overview image of a result's file: plain, or with the heat map of the text query over it. */
+function overviewSource(result) {
+  if (state.heat && state.textQuery !== null) {
+    const query = new URLSearchParams({ q: state.textQuery, size: String(OVERVIEW_SIZE) });
+    return `/api/files/${result.file_id}/localize?${query}`;
+  }
+  return `/api/files/${result.file_id}/overview?size=${OVERVIEW_SIZE}`;
+}
+
+/** Switches the overview between the file and the heat map of the text query over it. */
+function toggleHeat() {
+  state.heat = !state.heat;
+  if (state.selected >= 0) {
+    showOverview(state.results[state.selected]);
+  }
 }
 
 /**
@@ -343,7 +371,7 @@ function start() {
     form: "search-form", query: "query", k: "k", message: "message", results: "results",
     resultsTitle: "results-title", resultsMeta: "results-meta", overview: "overview", overviewTitle: "overview-title",
     overviewMeta: "overview-meta", overviewFrame: "overview-frame", overviewImage: "overview-image",
-    overviewBoxes: "overview-boxes", dropZone: "drop-zone", imageInput: "image-input", indexSummary: "index-summary",
+    overviewBoxes: "overview-boxes", heatToggle: "heat-toggle", dropZone: "drop-zone", imageInput: "image-input", indexSummary: "index-summary",
   })) {
     page[key] = document.getElementById(id);
   }
@@ -358,6 +386,7 @@ function start() {
   page.overviewImage.addEventListener("load", () => {
     page.overviewImage.classList.toggle("pixelated", page.overviewImage.naturalWidth < page.overviewImage.clientWidth);
   });
+  page.heatToggle.addEventListener("click", toggleHeat);
   wireDropZone();
   loadHealth();
   page.query.focus();

@@ -17,6 +17,9 @@ Generation runs in three stages per image, each with its own random stream deriv
 Because each image has its own streams, image ``i`` is identical whether 10 or 1000 images are
 generated, and the same seed always gives byte-identical files.
 
+:func:`generate_large_scenes` (:mod:`.large_scenes`) composes such scenes into large images with
+ground-truth regions, a semantic-localisation benchmark in the SeLo ``anno.json`` layout.
+
 Modules: :mod:`.scene` (vocabularies and the data model), :mod:`.geometry` (shapes, boxes,
 masks), :mod:`.placement` (the scene builder that places objects), :mod:`.layouts` (one layout
 per scene type), :mod:`.sampling` (random streams and :func:`make_scene`), :mod:`.render`,
@@ -38,6 +41,7 @@ image; boxes are listed in that order.
 """
 
 from rsitr.data.synth.captions import CLASS_NOUNS, make_captions
+from rsitr.data.synth.large_scenes import LargeScene, SceneBlock, generate_large_scenes
 from rsitr.data.synth.render import render_scene
 from rsitr.data.synth.sampling import make_scene
 from rsitr.data.synth.scene import (
@@ -60,10 +64,13 @@ __all__ = [
     "OBJECT_CLASSES",
     "PALETTES",
     "SCENE_TYPES",
+    "LargeScene",
     "Region",
+    "SceneBlock",
     "SceneDescription",
     "SceneObject",
     "assign_splits",
+    "generate_large_scenes",
     "generate_synthetic",
     "make_captions",
     "make_scene",
