@@ -18,6 +18,11 @@ Three sub-commands:
                 python benchmarks/localization.py table --bench synth=runs/loc-synth --bench ucm=runs/loc-ucm \\
                     --model dove=runs/bench-synth/dove/seed0 ... --out runs/localization
 
+``blocks``  which block of a synthetic scene is hottest for the parking lot's own caption: six drawings of
+            the slow test's fixed layout (parking, residential, storage, farmland), then random scenes::
+
+                python benchmarks/localization.py blocks --model runs/demo-loc/run
+
 ``figure``  a picture of a few samples of one benchmark: the scene with the true region outlined and
             the heat-map overlay beside it::
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import textwrap
 import time
 from pathlib import Path
 
@@ -43,8 +49,17 @@ from PIL import Image
 from rsitr.bundle import load_model
 from rsitr.data.synth.large_scenes import generate_large_scenes
 from rsitr.io import write_json, write_text
-from rsitr.localization_metrics import read_annotations
-from rsitr_serve.localize import DEFAULT_BLUR, DEFAULT_SIZES, colour_overlay, fuse_window_scores, localize
+from rsitr.localization_metrics import average_metrics, prob_from_heat, read_annotations, selo_metrics
+from rsitr_serve.localize import (
+    DEFAULT_BLUR,
+    DEFAULT_SIZES,
+    colour_overlay,
+    fuse_window_scores,
+    localize,
+    normalise_and_smooth,
+    selo_windows,
+    write_localization,
+)
 from rsitr_serve.localize_eval import REPORTED, evaluate_localization
 
 PUBLISHED = [("AMFMN (RSITMD), SeLo test set, scales 256/512/768", "0.6920", "0.3323", "0.6667", "0.6772"),
@@ -92,6 +107,7 @@ def run_speed(args: argparse.Namespace) -> None:
     localize(bundle, scene, [args.sentence], sizes=(256,), blur=1, progress=False)  # warm-up: first-call costs
     started = time.perf_counter()
     result = localize(bundle, scene, [args.sentence], sizes=DEFAULT_SIZES, blur=DEFAULT_BLUR, progress=False)
+    write_localization(result, out / "speed_outputs")  # heat PNG, overlay JPEG, GeoTIFF, JSON: as `rsitr localize`
     wall = time.perf_counter() - started
     tick = time.perf_counter()
     fast = fuse_window_scores(result.windows, result.scores[:, 0], result.width, result.height)
@@ -109,7 +125,7 @@ def run_speed(args: argparse.Namespace) -> None:
               "fusion_vectorised_seconds": round(fast_seconds, 4), "fusion_loop_seconds": round(loop_seconds, 3),
               "fusion_speedup": round(loop_seconds / fast_seconds, 1),
               "fusion_max_difference": float(np.abs(fast - slow).max())}
-    write_json(out / "speed.json", record)
+    write_json(out / f"speed-{Path(args.model).name}.json", record)
     print(json.dumps(record, indent=2))
 
 
@@ -129,6 +145,26 @@ def _evaluate(bench: Path, model_dir: str, out: Path, tag: str) -> dict:
     report["model_dir"] = model_dir
     write_json(cached, report)
     print(f"{tag}: Rmi {report['mean']['rmi']:.4f} in {report['seconds']['total']:.0f} s", flush=True)
+    return report
+
+
+def _chance(bench: Path, out: Path, tag: str, seed: int) -> dict:
+    """The SeLo metrics of heat maps fused from uniform random window scores: what no model at all gets."""
+    cached = out / f"{tag}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    started = time.perf_counter()
+    samples = read_annotations(bench / "anno.json")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for sample in samples:
+        width, height = Image.open(bench / "images" / sample.image).size
+        windows = selo_windows(width, height, DEFAULT_SIZES)
+        heat = normalise_and_smooth(fuse_window_scores(windows, rng.random(len(windows)), width, height), DEFAULT_BLUR)
+        rows.append(selo_metrics(prob_from_heat(heat), sample.polygons))
+    report = {"samples": rows, "mean": average_metrics([{k: r[k] for k in REPORTED} for r in rows]),
+              "seconds": {"total": time.perf_counter() - started}}
+    write_json(cached, report)
     return report
 
 
@@ -158,12 +194,53 @@ def run_table(args: argparse.Namespace) -> None:
         for name, dirs in _models(args.model):
             reports = [_evaluate(Path(bench_dir), d, out, f"{bench_name}-{name}-{k}") for k, d in enumerate(dirs)]
             lines.append(_row(name, reports))
+        chance = [_chance(Path(bench_dir), out, f"{bench_name}-chance-{seed}", seed) for seed in range(3)]
+        lines.append(_row("chance (uniform random window scores)", chance))
         lines.append("")
     lines += ["Published (other images: the SeLo test set, 59 samples over 22 images at about 0.3 m):", "",
               "| model | Rsu | Ras | Rda | Rmi |", "|---|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in PUBLISHED]
     write_text(out / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------- blocks
+
+
+def _hottest_block(bundle, scene, pixels, folder: Path, caption: str) -> tuple[str, dict[str, float]]:
+    path = folder / "blocks_scene.png"
+    Image.fromarray(pixels).save(path)
+    heat = localize(bundle, path, [caption], progress=False).heat[0].astype(np.float64)
+    means = {b.scene_type: float(heat[b.y : b.y + b.side, b.x : b.x + b.side].mean()) for b in scene.blocks}
+    return max(means, key=means.__getitem__), means
+
+
+def run_blocks(args: argparse.Namespace) -> None:
+    """Which block is hottest for the parking lot's own caption: the slow test's layout, then random scenes."""
+    from rsitr.data.synth.large_scenes import compose_large_scene, make_large_scene
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = load_model(args.model)
+    plans = [("parking", 100, 100, 1024), ("residential", 1400, 100, 1024), ("storage", 100, 1400, 1024),
+             ("farmland", 1400, 1400, 1024)]
+    rows = []
+    for seed in range(args.seeds):
+        scene, pixels = compose_large_scene(seed, 2600, 2600, plans)
+        best, means = _hottest_block(bundle, scene, pixels, out, scene.blocks[0].captions[0])
+        rows.append({"layout": "fixed", "seed": seed, "hottest": best, "means": means})
+    index = 0
+    while sum(r["layout"] == "random" for r in rows) < args.random:
+        scene, pixels = make_large_scene(0, index, (2600, 2600), (1024, 1100), (3, 4), captions_per_block=1)
+        index += 1
+        parking = [b for b in scene.blocks if b.scene_type == "parking"]
+        if parking:
+            best, means = _hottest_block(bundle, scene, pixels, out, parking[0].captions[0])
+            rows.append({"layout": "random", "scene": index - 1, "hottest": best, "means": means})
+    for row in rows:
+        print(row["layout"], row.get("seed", row.get("scene")), "hottest:", row["hottest"],
+              {k: round(v, 1) for k, v in row["means"].items()})
+    write_json(out / "blocks.json", rows)
 
 
 # ----------------------------------------------------------------------------------- figure
@@ -185,13 +262,14 @@ def run_figure(args: argparse.Namespace) -> None:
         path = bench / "images" / sample.image
         result = localize(bundle, path, [sample.caption], blur=args.blur, progress=False)
         pixels = np.asarray(Image.open(path).convert("RGB"))
-        for ax, picture, title in ((axes[row][0], pixels, f"“{sample.caption.strip()}”"),
+        wrapped = textwrap.fill(f"“{sample.caption.strip()}”", 60)
+        for ax, picture, title in ((axes[row][0], pixels, wrapped),
                                    (axes[row][1], colour_overlay(pixels, result.heat[0]), f"heat map ({bundle.spec.name})")):
             ax.imshow(picture)
             for polygon in sample.polygons:
                 closed = np.vstack([polygon, polygon[:1]])
                 ax.plot(closed[:, 0], closed[:, 1], color="white", linewidth=2)
-            ax.set_title(title, fontsize=10, wrap=True)
+            ax.set_title(title, fontsize=10)
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(args.out, dpi=args.dpi, pil_kwargs={"quality": 85} if str(args.out).endswith(".jpg") else None)
@@ -215,6 +293,12 @@ def main() -> None:
     table.add_argument("--threads", type=int, default=2)
     table.add_argument("--out", default="runs/localization")
     table.set_defaults(func=run_table)
+    blocks = sub.add_parser("blocks")
+    blocks.add_argument("--model", required=True)
+    blocks.add_argument("--seeds", type=int, default=6, help="drawings of the slow test's fixed layout")
+    blocks.add_argument("--random", type=int, default=5, help="random scenes of seed 0 that hold a parking lot")
+    blocks.add_argument("--out", default="runs/localization/blocks")
+    blocks.set_defaults(func=run_blocks)
     figure = sub.add_parser("figure")
     figure.add_argument("--bench", required=True)
     figure.add_argument("--model", required=True)

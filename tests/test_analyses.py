@@ -301,3 +301,15 @@ def test_cli_errors_are_one_line(dove_bundle, tiny_synth, tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "has: train, val, test" in err
     code = main(["analyze", str(dove_bundle), "--out", str(tmp_path / "o")])
     assert code == 2 and "give --dataset PATH" in capsys.readouterr().err
+
+
+def test_significant_classes_divide_by_scene_label_and_unknown_classes_are_one_line() -> None:
+    from rsitr.data.dataset import RetrievalDataset
+    from rsitr_serve.analyses import divide_split
+
+    split = RetrievalDataset("toy", Path("."), ["a.png", "b.png", "c.png", "d.png"], ["val"] * 4, ["x", "y", "z", "w"],
+                             np.arange(4), scene_labels=["airplane", "forest", "airplane", "harbor"])
+    division = divide_split(split, None, 0.5, (), None, ["airplane", "harbor"])
+    assert division is not None and division.significant.tolist() == [True, False, True, True]
+    with pytest.raises(ConfigError, match="beach not a scene class"):
+        divide_split(split, None, 0.5, (), None, ["beach"])

@@ -145,6 +145,13 @@ def test_module_device_and_to_device():
     ["pretrain", "nowhere", "--out", "pre"],
     ["benchmark", "--models", "vsepp", "--dataset", "nowhere.json", "--out", "bench"],
     ["ablate", "dove-ifa", "--dataset", "nowhere.json", "--out", "abl"],
+    ["index", "build", "nowhere", "--model", "model", "--out", "index"],
+    ["index", "add", "index", "nowhere"],
+    ["search", "index", "a road"],
+    ["serve", "index"],
+    ["localize", "model", "scene.tif", "a road"],
+    ["localize-eval", "model", "anno.json", "images"],
+    ["analyze", "model"],
 ])
 def test_cli_device_that_is_not_there_is_one_line_naming_it(command, gpus, tmp_path, monkeypatch, capsys):
     gpus(0)

@@ -164,8 +164,7 @@ def test_image_query_finds_its_own_tile_first(imagery, built, tmp_path) -> None:
             source_rows = [r for r in searcher.catalog.tiles([t[0] for t in _tile_rows(built["out"])]).values()
                            if Path(r["path"]).name == name and (r["x"], r["y"]) == window]
             (row,) = source_rows
-            from rsitr_serve.rasters import open_image
-            from rsitr_serve.tiling import TileWindow
+            from rsitr.data.rasters import TileWindow, open_image
 
             with open_image(row["path"]) as source:
                 pixels = source.read(TileWindow(1.0, row["x"], row["y"], row["width"], row["height"]))

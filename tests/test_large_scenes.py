@@ -273,3 +273,21 @@ def test_mosaics_on_real_ucm_val(tmp_path):
     assert meta["cell_size"] == 256 and len(meta["mosaics"]) == 2
     with pytest.raises(DatasetError, match="fewer than the 25 cells"):  # UCM val has 21 classes
         build_mosaics(UCM, tmp_path / "none", split="val", rows=5, cols=5, progress=False)
+
+
+def test_a_composed_scene_puts_the_given_blocks_where_asked_and_refuses_bad_layouts() -> None:
+    from rsitr.data.synth.large_scenes import compose_large_scene, render_background
+
+    plans = [("parking", 20, 30, 200), ("storage", 300, 300, 256)]
+    scene, pixels = compose_large_scene(3, 600, 580, plans)
+    assert pixels.shape == (580, 600, 3) and [(b.scene_type, b.x, b.y, b.side) for b in scene.blocks] == plans
+    background = render_background(3, 0, "grass", 600, 580)
+    outside = np.ones((580, 600), dtype=bool)
+    for b in scene.blocks:
+        outside[b.y : b.y + b.side, b.x : b.x + b.side] = False
+        assert np.abs(pixels[b.y : b.y + b.side, b.x : b.x + b.side].astype(int)
+                      - background[b.y : b.y + b.side, b.x : b.x + b.side]).mean() > 8
+    assert np.array_equal(pixels[outside], background[outside])
+    for bad in ([("parking", 500, 0, 200)], [("parking", 0, 0, 200), ("storage", 100, 100, 200)], [("volcano", 0, 0, 100)]):
+        with pytest.raises(ConfigError):
+            compose_large_scene(3, 600, 580, bad)

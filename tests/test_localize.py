@@ -11,6 +11,7 @@ import rasterio
 from PIL import Image
 
 from helpers import random_bundle, texture, write_geotiff
+from rsitr.data.rasters import TileWindow
 from rsitr.errors import ConfigError
 from rsitr_cli.main import main
 from rsitr_serve.localize import (
@@ -20,7 +21,7 @@ from rsitr_serve.localize import (
     selo_windows,
     write_localization,
 )
-from rsitr_serve.tiling import TileWindow, iter_tile_windows
+from rsitr_serve.tiling import iter_tile_windows
 
 
 @pytest.fixture(scope="module")
@@ -208,27 +209,52 @@ def test_localize_eval_names_the_first_missing_image(model, tmp_path, capsys) ->
     assert len(error.splitlines()) == 1 and "1.jpg" in error and "1 of 2" in error
 
 
-@pytest.mark.slow  # trains the demo model (about two and a half minutes on 2 cores)
+@pytest.mark.slow  # trains the demo model (about two and a half minutes on 2 cores), then five 2,600-px scenes
 def test_the_parking_lot_is_the_hottest_block_for_its_caption_with_a_trained_demo_model(tmp_path) -> None:
+    """Four 1,024-px blocks of the kinds the issue names (a parking lot beside a road, a residential block, a
+    storage-tank farm, farmland) on grass, in five seeded drawings; the query is the parking block's own caption.
+
+    The demo model (a seeded random ResNet-18 under trained heads, mR 40 on its chips) is not always right:
+    run alone it put the parking block hottest in 5 of 6 drawings (seed 2: the residential block). The test
+    asks for 4 of 5, and for the SeLo score of the parking lot to beat what uniform random window scores get.
+    """
     from rsitr.bundle import load_model
-    from rsitr.data.synth.large_scenes import make_large_scene
+    from rsitr.data.synth.large_scenes import compose_large_scene
+    from rsitr.localization_metrics import prob_from_heat, selo_metrics
     from rsitr_train.demo import run_demo
 
     run_demo(tmp_path / "demo", progress=False)  # `rsitr demo` as it ships: 1,000 chips, 12 epochs
     bundle = load_model(tmp_path / "demo" / "run")
-    scene = pixels = None
-    for index in range(20):  # the first 2,000-px scene of seed 0 that has a parking lot
-        scene, pixels = make_large_scene(0, index, (2000, 2000), (400, 700), (4, 6), captions_per_block=1)
-        if any(block.scene_type == "parking" for block in scene.blocks):
-            break
-    assert scene is not None and pixels is not None
-    path = tmp_path / "scene.png"
-    Image.fromarray(pixels).save(path)
-    result = localize(bundle, path, ["many cars are parked in a parking lot"], progress=False)
-    heat = result.heat[0].astype(np.float64)
-    inside = {block.scene_type: heat[block.y : block.y + block.side, block.x : block.x + block.side].mean()
-              for block in scene.blocks}
-    assert max(inside, key=inside.get) == "parking", inside
-    x, y = result.hottest(0)
-    parking = next(block for block in scene.blocks if block.scene_type == "parking")
-    assert parking.x <= x < parking.x + parking.side and parking.y <= y < parking.y + parking.side
+    plans = [("parking", 100, 100, 1024), ("residential", 1400, 100, 1024), ("storage", 100, 1400, 1024),
+             ("farmland", 1400, 1400, 1024)]
+    hottest, rmi, chance = [], [], []
+    for seed in range(5):
+        scene, pixels = compose_large_scene(seed, 2600, 2600, plans)
+        path = tmp_path / f"scene{seed}.png"
+        Image.fromarray(pixels).save(path)
+        parking = scene.blocks[0]
+        heat = localize(bundle, path, [parking.captions[0]], progress=False).heat[0]
+        means = {b.scene_type: heat[b.y : b.y + b.side, b.x : b.x + b.side].mean() for b in scene.blocks}
+        hottest.append(max(means, key=means.get) == "parking")
+        rmi.append(selo_metrics(prob_from_heat(heat), [parking.polygon])["rmi"])
+        windows = selo_windows(2600, 2600, (128, 256, 512))
+        scores = np.random.default_rng(seed).random(len(windows))
+        noise = normalise_and_smooth(fuse_window_scores(windows, scores, 2600, 2600))
+        chance.append(selo_metrics(prob_from_heat(noise), [parking.polygon])["rmi"])
+    assert sum(hottest) >= 4, hottest
+    assert np.mean(rmi) > np.mean(chance) + 0.1, (rmi, chance)
+
+
+def test_a_model_trained_on_chosen_bands_localises_a_tiff_with_them(model, tmp_path) -> None:
+    import dataclasses
+
+    scene = write_geotiff(tmp_path / "four.tif", texture(96, 96, seed=9, channels=4))
+    plain = model["bundle"]
+    chosen = dataclasses.replace(plain, feature_spec=dataclasses.replace(plain.feature_spec, bands=(4, 3, 2)))
+    by_spec = localize(chosen, scene, ["a road"], sizes=(64,), blur=1, progress=False)
+    given = localize(plain, scene, ["a road"], sizes=(64,), blur=1, bands=[4, 3, 2], progress=False)
+    default = localize(plain, scene, ["a road"], sizes=(64,), blur=1, progress=False)
+    assert by_spec.bands == [4, 3, 2] and default.bands is None
+    np.testing.assert_array_equal(by_spec.scores, given.scores)
+    assert not np.array_equal(by_spec.scores, default.scores)
+    assert (tmp_path / "out" / "four.overlay.jpg") in write_localization(by_spec, tmp_path / "out")

@@ -20,9 +20,9 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from rsitr.data.images import read_image
+from rsitr.data.rasters import TileWindow, is_supported, open_image, sample_shape
 from rsitr.errors import ConfigError, ImageReadError
-from rsitr_serve.rasters import is_supported, open_image, sample_shape
-from rsitr_serve.tiling import TileWindow, check_tiling, count_tiles, iter_tile_windows, tile_windows
+from rsitr_serve.tiling import check_tiling, count_tiles, iter_tile_windows, tile_windows
 
 UTM33 = "EPSG:32633"
 ORIGIN = (500_000.0, 5_000_000.0)  # easting on zone 33's central meridian (15° E), northing about 45° N

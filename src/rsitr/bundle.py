@@ -50,6 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from rsitr.backbones import Backbone, backbone_info
+from rsitr.devices import module_device, resolve_device, to_device
 from rsitr.errors import CheckpointError
 from rsitr.evaluation import encode_image_chunks, encode_text_chunks, score_encodings
 from rsitr.features import (
@@ -109,6 +110,24 @@ class RetrievalBundle:
     precision: str = "fp32"
     info: dict[str, Any] = field(default_factory=dict)
 
+    # ------------------------------------------------------------------------------- devices
+
+    def to(self, device: str | torch.device) -> RetrievalBundle:
+        """The model and backbone moved to ``device`` (in place; returns the bundle).
+
+        Whatever the device, encodings and scores come back on the CPU: images and texts move to
+        the device batch by batch and their results back, so callers (an index's shards, a heat
+        map) never hold device tensors.
+        """
+        self.model.to(device)
+        self.backbone.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs."""
+        return module_device(self.model)
+
     # ------------------------------------------------------------------------------- encoding
 
     def image_features(self, images: Sequence[ImageInput], boxes: Sequence[np.ndarray | None] | None = None,
@@ -128,7 +147,7 @@ class RetrievalBundle:
             batch = image_batch(images[start:stop], self.feature_spec,
                                 None if boxes is None else boxes[start:stop],
                                 None if scores is None else scores[start:stop])
-            parts.append(features_of_images(self.backbone, batch, self.feature_spec))
+            parts.append(to_device(features_of_images(self.backbone, batch, self.feature_spec), "cpu"))
         return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
     def encode_images(self, images: Sequence[ImageInput], boxes: Sequence[np.ndarray | None] | None = None,
@@ -143,7 +162,7 @@ class RetrievalBundle:
 
         Encoded in the evaluation's fixed chunks, so an image encodes as it did in evaluation.
         """
-        return encode_image_chunks(self.model, features, self._precision(precision))
+        return to_device(encode_image_chunks(self.model, features, self._precision(precision)), "cpu")
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Token ids, lengths and the model's extra text inputs of free-text queries.
@@ -158,7 +177,7 @@ class RetrievalBundle:
         if not texts:
             raise ValueError("encode_texts needs at least one text")
         tokens, lengths, extras = self.tokenize(texts)
-        return encode_text_chunks(self.model, tokens, lengths, extras, self._precision(precision))
+        return to_device(encode_text_chunks(self.model, tokens, lengths, extras, self._precision(precision)), "cpu")
 
     def score(self, image_encodings: Encoding, text_encodings: Encoding, precision: str | None = None,
               progress: bool = False) -> torch.Tensor:
@@ -234,7 +253,7 @@ class RetrievalBundle:
             "preprocessing": {"image_size": self.feature_spec.image_size, "resize": "bilinear", "color": "RGB",
                               "input_range": [0, 1], "mean": list(info.mean), "std": list(info.std),
                               "default_boxes": "rsitr.features.roi.default_boxes",
-                              "boxes": self.feature_spec.boxes},
+                              "boxes": self.feature_spec.boxes, "bands": features["bands"]},
             "text": {"max_length": self.max_length, "vocab_size": len(self.vocab), "vocab_sha": vocab_digest(self.vocab),
                      "text_inputs": list(self.model.text_inputs)},
             "precision": {"model": self.precision, "features": self.feature_spec.precision},
@@ -252,23 +271,28 @@ def _file_entry(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- loading
 
 
-def load_model(path: str | Path, verify: bool = True) -> RetrievalBundle:
+def load_model(path: str | Path, verify: bool = True, device: str | torch.device | None = None) -> RetrievalBundle:
     """Load a model bundle (``bundle.json``) or a run directory (``model.json``) for use.
 
     ``verify`` checks every file of a bundle against the sizes and digests of its manifest.
+    ``device``: where it runs (:func:`rsitr.devices.resolve_device`: ``cpu``, ``cuda:N``, ``mps``,
+    ``auto``); None keeps it on the CPU, where it is loaded.
 
     Raises:
         CheckpointError: neither a bundle nor a run directory, another format version, a missing,
             truncated or altered file, or weights that do not fit the model.
     """
     folder = Path(path)
+    where = None if device is None else resolve_device(device)
     if (folder / MANIFEST).is_file():
-        return _load_bundle(folder, verify)
-    if (folder / RUN_MODEL_JSON).is_file() or (folder / MODEL_FILE).is_file():
-        return _load_run(folder)
-    if not folder.exists():
-        raise CheckpointError(folder, "model folder not found")
-    raise CheckpointError(folder, f"not a model bundle ({MANIFEST}) or a run directory ({RUN_MODEL_JSON})")
+        bundle = _load_bundle(folder, verify)
+    elif (folder / RUN_MODEL_JSON).is_file() or (folder / MODEL_FILE).is_file():
+        bundle = _load_run(folder)
+    else:
+        if not folder.exists():
+            raise CheckpointError(folder, "model folder not found")
+        raise CheckpointError(folder, f"not a model bundle ({MANIFEST}) or a run directory ({RUN_MODEL_JSON})")
+    return bundle if where is None else bundle.to(where)
 
 
 def export_model(source: str | Path, out_dir: str | Path) -> Path:

@@ -13,6 +13,7 @@ nothing is a trap, so an unknown key is an error that lists the valid ones.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -25,24 +26,80 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from rsitr.errors import ConfigError, DatasetError
+from rsitr.errors import ConfigError, DatasetError, RsitrError
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    A write that fails for want of room or permission (a full disk, a quota, a folder made
+    read-only) is a one-line ConfigError naming ``path`` (:func:`write_failure` tells such
+    failures from others), and the temporary file is removed: the old file, if any, is intact.
+    A process killed mid-write leaves its temporary ``.<name>.*.tmp`` (never read as the file);
+    :func:`remove_partial_writes` clears those when the job runs again.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
         os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, target)
+    except Exception as exc:
+        reason = None if isinstance(exc, RsitrError) else write_failure(exc)  # an rsitr error already says it all
+        if reason is None:
+            raise
+        raise ConfigError(f"{target}: cannot write the file ({reason}); nothing was written") from exc
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
+
+
+#: What writers other than Python's own report when the system refuses a write: torch's
+#: serialiser and the safetensors library turn the OSError into a RuntimeError or their own error.
+_WRITE_FAILURE_WORDS = tuple(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS,
+                                                             errno.EACCES))
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why the system refused a write, if ``exc`` (or an exception it came from) says so; None otherwise.
+
+    An OSError is such a failure; so is an error of another type whose message carries the
+    system's words for a full disk, a quota, a file-size limit, a read-only file system or a
+    refused permission, because a Rust or C++ writer (safetensors) reports the system's error in
+    an error of its own. (torch.save given a path says only "unexpected pos"; given a Python file
+    it leaves the OSError as the context of its error, which is found here.)
+    """
+    seen: BaseException | None = exc
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        if isinstance(seen, OSError):
+            return seen.strerror or seen.__class__.__name__
+        text = str(seen)
+        for words in _WRITE_FAILURE_WORDS:
+            if words.lower() in text.lower():
+                return words
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def remove_partial_writes(folder: str | Path, name: str = "*") -> list[str]:
+    """Delete the temporary files :func:`atomic_path` left in ``folder`` for ``name`` (a glob; all by default).
+
+    Such a file is left only by a process killed mid-write. Call it only where no other live
+    process can be writing the same files (a run's own folder, a cache file under its lock).
+    Returns the names removed.
+    """
+    removed = []
+    for tmp in Path(folder).glob(f".{name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return sorted(removed)
 
 
 def _current_umask() -> int:

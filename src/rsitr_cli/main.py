@@ -18,32 +18,51 @@ from pathlib import Path
 from rsitr.errors import ConfigError, RsitrError
 from rsitr.progress import log_to_console
 
+#: Help texts several sub-commands share.
+LAYOUT_HELP = "auto | karpathy | precomp | pir (default auto: detected from the files)"
+IMAGES_HELP = "image folder, when not beside the caption files"
+INDEX_HELP = "index folder of rsitr index build"
+
 
 def _add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default auto: the best available; "
                                          "under torchrun, cuda means one GPU per process, cuda:LOCAL_RANK)")
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_train_arguments(parser: argparse.ArgumentParser, experiment: bool = False) -> None:
+    """The run-config options of ``train``; of ``benchmark`` and ``ablate`` too with ``experiment``.
+
+    An experiment runs many models and seeds, so it takes one spelling of each, the plural
+    (``--models``, ``--seeds``); its ``--model`` and ``--seed`` are hidden and refused with one line
+    naming the plural (:func:`_refuse_singular`) instead of being silently overridden, or, left
+    undefined, silently read by argparse as abbreviations of the plural.
+    """
     _add_device_argument(parser)
-    parser.add_argument("--config", help="run config YAML (sections data/features/model/text/train)")
+    parser.add_argument("--config", help="run config YAML or a shipped recipe name (sections data/features/model/text/train)")
     parser.add_argument("--dataset", help="dataset file or folder (sets data.path)")
-    parser.add_argument("--layout", help="auto | karpathy | precomp | pir")
-    parser.add_argument("--images", help="image folder, when not beside the caption files")
-    parser.add_argument("--model", help="registered model name or model YAML")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--layout", help="auto | karpathy | precomp | pir (sets data.layout; default auto: detected)")
+    parser.add_argument("--images", help="image folder, when not beside the caption files (sets data.image_dir)")
+    hidden = argparse.SUPPRESS
+    parser.add_argument("--model", help=hidden if experiment else "registered model name or model YAML (sets model.name)")
+    parser.add_argument("--epochs", type=int, help="training epochs (sets train.epochs)")
+    parser.add_argument("--batch-size", type=int, help="captions per training batch (sets train.batch_size)")
+    parser.add_argument("--seed", type=int, help=hidden if experiment else "seed of the initialisation and batch order (sets train.seed)")
     parser.add_argument("--backbone-weights", help="torchvision-layout ResNet weights (.safetensors or .pth)")
     parser.add_argument("--detections", help="detections json giving the region boxes")
     parser.add_argument("--glove", help="GloVe vectors text file for the word embedding")
-    parser.add_argument("--cache-dir", help="feature cache folder")
+    parser.add_argument("--bands", help=BANDS_HELP)
+    parser.add_argument("--cache-dir", help="feature cache folder (sets features.cache_dir; default $RSITR_CACHE_DIR, "
+                                            "else ~/.cache/rsitr)")
     parser.add_argument("--exclude", help="audit JSON (rsitr data audit) whose training items are dropped (sets data.exclude)")
     parser.add_argument("--exclude-against", help="comma-separated evaluation splits (rsitmd/test, or a dataset name): "
                                                   "drop only what collides with them (sets data.exclude_against)")
     parser.add_argument("--train-backbone", action="store_true", default=None,
                         help="train the backbone end to end with the model (sets train.train_backbone; slower, augments images)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config field")
+
+
+#: --bands of rsitr features and rsitr train (multispectral TIFF datasets).
+BANDS_HELP = "1-based TIFF source bands for R,G,B, e.g. 4,3,2 (sets features.bands; default: the file's RGB, else bands 1-3)"
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
@@ -56,6 +75,7 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
         ("data.exclude_against", None if args.exclude_against is None  # a list: YAML reads its repr as a flow sequence
          else [part.strip() for part in args.exclude_against.split(",") if part.strip()]),
         ("train.train_backbone", True if args.train_backbone else None),
+        ("features.bands", _numbers(args.bands, int, "--bands")),
     ]
     return [f"{key}={json.dumps(value) if isinstance(value, str) else value}" for key, value in pairs if value is not None] + list(args.set)
 
@@ -65,11 +85,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rsitr_train.trainer import train
 
     config = load_config(args.config, _train_overrides(args))
+    if args.json:
+        from rsitr.io import check_writable
+
+        check_writable(Path(args.json).resolve().parent, "--json file's folder")  # before the training, not after it
     summary = train(config, args.out, progress=not args.quiet, device=args.device)
     if _main_process():
-        print(json.dumps(summary, indent=2))
-        print(f"run directory: {args.out}  (evaluate with: rsitr evaluate {args.out} --split test)")
+        print(train_summary_table(summary, args.out))
+        if args.json:
+            from rsitr.io import write_json
+
+            write_json(args.json, summary)
     return 0
+
+
+def train_summary_table(summary: dict, run_dir: str) -> str:
+    """What ``rsitr train`` prints at the end: the summary as aligned lines, and the command that evaluates the run.
+
+    The command reports the run's report split (``summary["report_split"]``, the default of
+    ``rsitr evaluate``); when every split trained or selected, it names the selection split and
+    says its figures are optimistic, with the override that carves a clean one.
+    """
+    import shlex
+
+    epochs = summary.get("epochs")
+    best = summary.get("best_val_mR")
+    selection = summary.get("selection_split", "val")
+    rows = [("best epoch", f"{summary.get('best_epoch')} of {epochs}" if epochs else str(summary.get("best_epoch"))),
+            ("validation mR", "none" if best is None else f"{best:.2f} (on {selection}, the split that chose the epoch)")]
+    trained = f"{summary.get('parameters', 0) / 1e6:.2f} M trainable"
+    if summary.get("backbone_parameters"):
+        trained += f" (+ {summary['backbone_parameters'] / 1e6:.2f} M backbone trained end to end)"
+    rows += [("parameters", trained), ("time per epoch", f"{summary.get('seconds_per_epoch', 0.0):.1f} s"),
+             ("run directory", str(run_dir))]
+    command = f"rsitr evaluate {shlex.quote(str(run_dir))}"
+    report = summary.get("report_split")
+    if report:
+        rows.append(("evaluate with", f"{command}   (reports {report})"))
+    else:
+        rows.append(("evaluate with", f"{command} --split {selection}   (optimistic: {selection} chose the epoch; "
+                                      f"--set data.val_split=select --set data.selection_fraction=0.1 carves a "
+                                      "selection split out of train so that val stays clean)"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 def _main_process() -> bool:
@@ -111,7 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     total = time.perf_counter() - started
     print(f"demo finished in {total:.0f} s; best validation epoch {summary['best_epoch']}; "
           f"test mR {result['metrics']['mR']:.2f} vs chance {result['chance']['mR']:.2f}")
-    print(f"run directory: {out / 'run'}  (rsitr evaluate {out / 'run'} --split test; rsitr export {out / 'run'} --out MODEL_DIR)")
+    print(f"run directory: {out / 'run'}  (rsitr evaluate {out / 'run'}; rsitr export {out / 'run'} --out MODEL_DIR)")
     return 0
 
 
@@ -183,7 +241,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     world, device = setup(args.device)  # under torchrun: join the processes that share the images out
     dataset = load_dataset(args.path, layout=args.layout, image_dir=args.images)
     spec = FeatureSpec(backbone=args.backbone, weights=args.backbone_weights, image_size=args.image_size,
-                       detections=args.detections, precision=args.precision, boxes=args.boxes)
+                       detections=args.detections, precision=args.precision, boxes=args.boxes,
+                       bands=_numbers(args.bands, int, "--bands"))
     cache_dir = Path(args.cache_dir or default_cache_dir())
     cached = spec.cache_path(dataset, cache_dir).is_file()
     started = time.perf_counter()
@@ -212,6 +271,7 @@ def _experiment_base(args: argparse.Namespace, exclude: tuple[str, ...] = ()) ->
     """The base run config of an experiment as a dict: ``--config`` (or the defaults) plus overrides."""
     from rsitr_train.config import load_config
 
+    _refuse_singular(args)
     config = load_config(args.config, _train_overrides(args))
     if not config.data.path:
         raise ConfigError("give the dataset with --dataset PATH (or data.path in --config)")
@@ -219,6 +279,15 @@ def _experiment_base(args: argparse.Namespace, exclude: tuple[str, ...] = ()) ->
     for key in exclude:
         data["model"].pop(key, None)
     return data
+
+
+def _refuse_singular(args: argparse.Namespace) -> None:
+    """One-line ConfigError for ``--model`` / ``--seed`` on ``benchmark`` or ``ablate``, naming the plural they take."""
+    if args.model is not None:
+        right = "--models NAME[,NAME...]" if args.command == "benchmark" else "the study's model (see: rsitr ablate --list)"
+        raise ConfigError(f"--model is for one run (rsitr train); rsitr {args.command} takes {right}")
+    if args.seed is not None:
+        raise ConfigError(f"--seed is for one run (rsitr train); rsitr {args.command} takes --seeds N (seeds 0..N-1)")
 
 
 def _add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
@@ -236,15 +305,16 @@ def _seeds(value: int) -> list[int]:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from rsitr_train.experiments import run_benchmark
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    _refuse_singular(args)  # first: a --model given instead of --models is named as such
+    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
     if not models:
-        raise ConfigError("--models needs at least one model name (see: rsitr models)")
+        raise ConfigError("give the models to compare with --models NAME[,NAME...] (see: rsitr models)")
     started = time.perf_counter()
     if args.resplits < 0:
         raise ConfigError(f"--resplits must be >= 0, got {args.resplits}")
     path, text = run_benchmark(_experiment_base(args), models, _seeds(args.seeds), Path(args.out),
                                report_selection=args.report_selection_split, resplits=args.resplits,
-                               progress=not args.quiet, device=args.device)
+                               progress=not args.quiet, device=args.device or "auto")
     print(text)
     print(f"written {path} and {path.with_suffix('.json')} in {time.perf_counter() - started:.0f} s")
     return 0
@@ -308,7 +378,7 @@ def cmd_salient(args: argparse.Namespace) -> int:
     features = split_image_features(prepared, torch.tensor(image_ids), "fp32", progress=not args.quiet)
     with torch.no_grad():
         masks = model.salient_mask(to_device(features, module_device(model))).cpu()
-    images = [np.asarray(read_image(prepared.dataset.image_path(i))) for i in image_ids]
+    images = [np.asarray(read_image(prepared.dataset.image_path(i), prepared.feature_spec.bands)) for i in image_ids]
     titles = [prepared.dataset.image_files[i] for i in image_ids]
     path = plot_salient_masks(images, masks, args.out, titles=titles)
     print(f"written {path}")
@@ -323,7 +393,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
              "ignored_labels": None if args.ignore_labels is None
              else [part.strip() for part in args.ignore_labels.split(",") if part.strip()]}
     page = analyze(args.model, args.out, split=args.split, dataset=args.dataset, detections=args.detections,
-                   significant_list=args.significant_list, queries=args.queries, seed=args.seed, progress=not args.quiet,
+                   significant_list=args.significant_list,
+                   significant_classes=None if args.significant_classes is None
+                   else [part.strip() for part in args.significant_classes.split(",") if part.strip()],
+                   queries=args.queries, seed=args.seed, progress=not args.quiet, device=args.device or "auto",
                    **{key: value for key, value in given.items() if value is not None})
     print(f"analysis: {page} (numbers in {page.with_name('analysis.json')})")
     return 0
@@ -346,7 +419,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
                "shard_size": args.shard_size, "vector_kind": args.vector_index}
     summary = build_index(args.paths, args.model, args.out, first_stage_dir=args.first_stage,
                           bands=_numbers(args.bands, int, "--bands"), batch_size=args.batch_size, progress=not args.quiet,
-                          **{key: value for key, value in options.items() if value is not None})
+                          device=args.device or "auto", **{key: value for key, value in options.items() if value is not None})
     print(summary.line())
     print(f"index: {args.out}  (search it with: rsitr search {args.out} \"a sentence\")")
     return 0
@@ -356,7 +429,7 @@ def cmd_index_add(args: argparse.Namespace) -> int:
     from rsitr_serve.indexer import add_to_index
 
     summary = add_to_index(args.index_dir, args.paths, model_dir=args.model, batch_size=args.batch_size,
-                           progress=not args.quiet)
+                           progress=not args.quiet, device=args.device)
     print(summary.line())
     return 0
 
@@ -402,7 +475,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ConfigError("--captions ranks sentences for an image: give --image PATH too")
     if (args.query is None) == (args.image is None):
         raise ConfigError("give a sentence or --image PATH (one of them)")
-    with TileSearcher(args.index_dir, model_dir=args.model) as searcher:
+    with TileSearcher(args.index_dir, model_dir=args.model, device=args.device or "auto") as searcher:
         if args.captions:
             ranked = searcher.rank_captions(args.image, read_captions(args.captions))[: args.k]
             for caption, score in ranked:
@@ -435,13 +508,13 @@ def cmd_localize(args: argparse.Namespace) -> int:
     from rsitr.bundle import load_model
     from rsitr_serve.localize import DEFAULT_SIZES, localize, write_localization
 
-    bundle = load_model(args.model_dir)
+    bundle = load_model(args.model_dir, device=args.device or "auto")
     sizes = _numbers(args.scales, int, "--scales") or list(DEFAULT_SIZES)
     bands = _numbers(args.bands, int, "--bands")
     started = time.perf_counter()
     result = localize(bundle, args.image, args.sentences, sizes=sizes, blur=args.blur, batch_size=args.batch_size,
                       bands=bands, progress=not args.quiet)
-    written = write_localization(result, args.out, bands=bands, overlay=not args.no_overlay)
+    written = write_localization(result, args.out, overlay=not args.no_overlay)
     for k, sentence in enumerate(result.sentences):
         x, y = result.hottest(k)
         print(f"{sentence!r}: hottest at x={x} y={y}")
@@ -456,7 +529,7 @@ def cmd_localize_eval(args: argparse.Namespace) -> int:
     from rsitr_serve.localize import DEFAULT_SIZES
     from rsitr_serve.localize_eval import evaluate_localization, metrics_table
 
-    bundle = load_model(args.model_dir)
+    bundle = load_model(args.model_dir, device=args.device or "auto")
     sizes = _numbers(args.scales, int, "--scales") or list(DEFAULT_SIZES)
     report = evaluate_localization(bundle, args.anno_json, args.image_dir, sizes=sizes, blur=args.blur,
                                    batch_size=args.batch_size, maps_dir=args.maps, progress=not args.quiet)
@@ -477,7 +550,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in LOCAL_HOSTS and not args.token:
         raise ConfigError(f"--host {args.host} makes the index reachable from other machines: give --token TOKEN too "
                           "(every request must then carry it)")
-    app = create_app(args.index_dir, model_dir=args.model, token=args.token)
+    app = create_app(args.index_dir, model_dir=args.model, token=args.token, device=args.device or "auto")
     print(f"serving {args.index_dir} on http://{args.host}:{args.port}/  (API documentation: /docs)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0
@@ -493,24 +566,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", parents=[quiet], help="synthetic data → features → train DOVE-S → evaluate, in minutes")
-    demo.add_argument("--out", default="rsitr-demo", help="output folder (data, cache, run)")
-    demo.add_argument("--num-images", type=int, default=1000)
+    demo.add_argument("--out", default="rsitr-demo", help="output folder: data, cache, run (default ./rsitr-demo, "
+                                                          "which the repository's .gitignore ignores)")
+    demo.add_argument("--num-images", type=int, default=1000, help="synthetic images to draw (default 1000)")
     demo.add_argument("--epochs", type=int, help="override the demo's epoch count")
     demo.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", parents=[quiet], help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     synth = data_sub.add_parser("synth", parents=[quiet], help="write the synthetic dataset (Karpathy layout + detections)")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--num-images", type=int, default=600)
-    synth.add_argument("--image-size", type=int, default=128)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", required=True, help="dataset folder to write")
+    synth.add_argument("--num-images", type=int, default=600, help="images to draw (default 600)")
+    synth.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the scenes and captions (default 0)")
     synth.set_defaults(func=cmd_synth)
     scenes = data_sub.add_parser("scenes", parents=[quiet], help="write large synthetic scenes with ground-truth regions "
                                                                  "(a localisation benchmark: images/, anno.json, scenes.json)")
-    scenes.add_argument("--out", required=True)
+    scenes.add_argument("--out", required=True, help="folder to write (images/, anno.json, scenes.json)")
     scenes.add_argument("--count", type=int, default=10, help="number of scenes")
-    scenes.add_argument("--seed", type=int, default=0)
+    scenes.add_argument("--seed", type=int, default=0, help="seed of the scenes (default 0)")
     scenes.add_argument("--min-size", type=int, default=2000, help="smallest image side in pixels")
     scenes.add_argument("--max-size", type=int, default=4000, help="largest image side in pixels")
     scenes.add_argument("--min-block", type=int, default=400, help="smallest block side in pixels")
@@ -520,21 +594,21 @@ def build_parser() -> argparse.ArgumentParser:
     mosaics = data_sub.add_parser("mosaics", parents=[quiet], help="grids of a dataset's images of distinct scene classes with "
                                                                    "ground-truth cells (images/, anno.json, mosaics.json)")
     mosaics.add_argument("path", metavar="DATASET", help="dataset file or folder with scene labels (e.g. UCM-Captions)")
-    mosaics.add_argument("--out", required=True)
-    mosaics.add_argument("--split", default="val")
-    mosaics.add_argument("--rows", type=int, default=4)
-    mosaics.add_argument("--cols", type=int, default=5)
+    mosaics.add_argument("--out", required=True, help="folder to write (images/, anno.json, mosaics.json)")
+    mosaics.add_argument("--split", default="val", help="split whose images fill the cells (default val)")
+    mosaics.add_argument("--rows", type=int, default=4, help="cells per column (default 4)")
+    mosaics.add_argument("--cols", type=int, default=5, help="cells per row (default 5)")
     mosaics.add_argument("--count", type=int, default=20, help="number of mosaics")
     mosaics.add_argument("--queries", type=int, default=3, help="query captions (distinct cells) per mosaic")
-    mosaics.add_argument("--seed", type=int, default=0)
+    mosaics.add_argument("--seed", type=int, default=0, help="seed of the images and queries drawn (default 0)")
     mosaics.add_argument("--cell-size", type=int, help="cell side in pixels (default: the split's first image's width)")
     mosaics.add_argument("--format", choices=["png", "jpg"], default="png", help="png (lossless) or jpg (quality 95)")
-    mosaics.add_argument("--layout", default="auto")
+    mosaics.add_argument("--layout", default="auto", help=LAYOUT_HELP)
     mosaics.set_defaults(func=cmd_mosaics)
     info = data_sub.add_parser("info", parents=[quiet], help="read a dataset and print its splits")
-    info.add_argument("path")
-    info.add_argument("--layout", default="auto")
-    info.add_argument("--images")
+    info.add_argument("path", help="dataset file or folder")
+    info.add_argument("--layout", default="auto", help=LAYOUT_HELP)
+    info.add_argument("--images", help=IMAGES_HELP)
     info.set_defaults(func=cmd_info)
     audit = data_sub.add_parser("audit", parents=[quiet], help="repeated captions, duplicate images and leaks across splits and datasets")
     audit.add_argument("paths", nargs="+", metavar="PATH", help="dataset files or folders (each with a distinct name)")
@@ -545,29 +619,32 @@ def build_parser() -> argparse.ArgumentParser:
     audit.set_defaults(func=cmd_audit)
 
     feats = sub.add_parser("features", parents=[quiet], help="extract and cache backbone features of a dataset")
-    feats.add_argument("path")
-    feats.add_argument("--layout", default="auto")
-    feats.add_argument("--images")
-    feats.add_argument("--backbone", default="resnet50")
-    feats.add_argument("--backbone-weights")
-    feats.add_argument("--detections")
+    feats.add_argument("path", help="dataset file or folder")
+    feats.add_argument("--layout", default="auto", help=LAYOUT_HELP)
+    feats.add_argument("--images", help=IMAGES_HELP)
+    feats.add_argument("--backbone", default="resnet50", help="backbone name, e.g. resnet18, resnet50 (default resnet50)")
+    feats.add_argument("--backbone-weights", help="torchvision-layout weights (.safetensors or .pth; default: seeded random)")
+    feats.add_argument("--detections", help="detections json giving the region boxes")
     feats.add_argument("--boxes", default="grid",
                        help="grid | activation: region boxes of images without detections (fixed grid or activation proposals)")
-    feats.add_argument("--image-size", type=int, default=256)
-    feats.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
-    feats.add_argument("--batch-size", type=int, default=32)
-    feats.add_argument("--cache-dir")
+    feats.add_argument("--image-size", type=int, default=256, help="side the images are resized to, in pixels (default 256)")
+    feats.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="backbone precision (default bf16)")
+    feats.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    feats.add_argument("--cache-dir", help="feature cache folder (default $RSITR_CACHE_DIR, else ~/.cache/rsitr)")
+    feats.add_argument("--bands", help=BANDS_HELP.replace("sets features.bands; ", ""))
     _add_device_argument(feats)
     feats.set_defaults(func=cmd_features)
 
     tr = sub.add_parser("train", parents=[quiet], help="train a model; the best epoch is chosen on the validation split")
     _add_train_arguments(tr)
     tr.add_argument("--out", required=True, help="run directory (an existing one is resumed)")
+    tr.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE (for scripts)")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", parents=[quiet], help="evaluate a run directory")
-    ev.add_argument("run_dir")
-    ev.add_argument("--split", default="test", help="val or test (default test)")
+    ev.add_argument("run_dir", help="run directory of rsitr train")
+    ev.add_argument("--split", help="split to score (default: the run's report split, as rsitr train names it: test, "
+                                    "else a val split that did not choose the epoch)")
     ev.add_argument("--json", help="where to write the metrics (default RUN_DIR/eval_SPLIT.json)")
     ev.add_argument("--precision", choices=["fp32", "bf16"], help="model (and trained backbone) precision; default: the run's train.precision")
     ev.add_argument("--dataset", help="the dataset to evaluate on, when not where the run's config says")
@@ -580,8 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("benchmark", parents=[quiet], help="train and evaluate several models on one dataset; one table, mean ± std over seeds")
-    _add_train_arguments(bench)
-    bench.add_argument("--models", required=True, help="comma-separated model names or YAML paths, e.g. dove,dove-s,vsepp")
+    _add_train_arguments(bench, experiment=True)
+    bench.add_argument("--models", help="comma-separated model names or YAML paths, e.g. dove,dove-s,vsepp (required)")
     bench.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per model (default 3)")
     _add_protocol_arguments(bench)
     bench.add_argument("--resplits", type=int, default=0,
@@ -591,10 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_benchmark)
 
     ablate = sub.add_parser("ablate", parents=[quiet], help="run an ablation study (DOVE Tables II-V, Fig. 6; ACF Tables 1-3)")
-    _add_train_arguments(ablate)
+    _add_train_arguments(ablate, experiment=True)
     ablate.add_argument("study", nargs="?", help="study name (see --list) or a study YAML")
     ablate.add_argument("--list", action="store_true", help="list the shipped studies")
-    ablate.add_argument("--seeds", type=int, default=1)
+    ablate.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per row (default 1)")
     _add_protocol_arguments(ablate)
     ablate.add_argument("--out", default="ablations", help="folder for runs and the report")
     ablate.set_defaults(func=cmd_ablate)
@@ -604,17 +681,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True, help="output folder (backbone.safetensors, metrics; re-running resumes)")
     pre.add_argument("--config", help="YAML file of pretraining fields, or a shipped recipe (e.g. pretrain_ucm_r18); flags override it")
     pre.add_argument("--backbone", help="resnet18 | resnet50 (default resnet50)")
-    pre.add_argument("--image-size", type=int)
-    pre.add_argument("--epochs", type=int)
-    pre.add_argument("--batch-size", type=int)
-    pre.add_argument("--lr", type=float)
-    pre.add_argument("--weight-decay", type=float)
+    pre.add_argument("--image-size", type=int, help="side of the training inputs in pixels (default 224)")
+    pre.add_argument("--epochs", type=int, help="passes over the training images (default 30)")
+    pre.add_argument("--batch-size", type=int, help="training images per step (default 64)")
+    pre.add_argument("--lr", type=float, help="peak SGD learning rate after warm-up (default 0.05)")
+    pre.add_argument("--weight-decay", type=float, help="L2 penalty on convolution and linear weights (default 1e-4)")
     pre.add_argument("--cutmix", type=float, help="probability that a batch is CutMixed (0: off)")
-    pre.add_argument("--precision", choices=["bf16", "fp32"])
+    pre.add_argument("--precision", choices=["bf16", "fp32"], help="bf16 autocast or fp32 (default bf16)")
     pre.add_argument("--init-weights", help="start from these weights (e.g. ImageNet torchvision weights)")
-    pre.add_argument("--threads", type=int)
+    pre.add_argument("--threads", type=int, help="torch and decoding threads (default 0: torch's setting, one decoder per CPU)")
     _add_device_argument(pre)
-    pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--seed", type=int, default=0, help="seed of the initialisation, shuffling, augmentation and hold-out (default 0)")
     pre.add_argument("--val-fraction", type=float, default=0.2, help="held-out share when there is no val split")
     pre.add_argument("--train-split", default="train", help="for a retrieval dataset: the split whose labels train")
     pre.add_argument("--val-split", default="val", help="for a retrieval dataset: the split that validates; none holds out --val-fraction of "
@@ -625,10 +702,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_pretrain)
 
     salient = sub.add_parser("salient", parents=[quiet], help="AMFMN salient masks (Fig. 10) of a trained run over images of a split")
-    salient.add_argument("run_dir")
-    salient.add_argument("--split", default="val")
+    salient.add_argument("run_dir", help="run directory of an AMFMN rsitr train run")
+    salient.add_argument("--split", default="val", help="split whose images are drawn (default val)")
     salient.add_argument("--count", type=int, default=6, help="number of images (the split's first ones)")
-    salient.add_argument("--out", default="salient_masks.png")
+    salient.add_argument("--out", default="salient_masks.png", help="PNG to write (default ./salient_masks.png)")
     salient.set_defaults(func=cmd_salient)
 
     analyze = sub.add_parser("analyze", parents=[quiet], help="DOVE's analyses of a model on a split (Figs. 7-10, per-class "
@@ -640,12 +717,15 @@ def build_parser() -> argparse.ArgumentParser:
     division = analyze.add_mutually_exclusive_group()
     division.add_argument("--detections", help="detections json dividing significant images (default for a run: its own)")
     division.add_argument("--significant-list", help="text file of significant image names, one per line")
+    division.add_argument("--significant-classes", help="comma-separated scene classes whose images are significant "
+                                                        "(for datasets without detections, e.g. airplane,storagetanks)")
     analyze.add_argument("--score-threshold", type=float, help="a box above this score is a salient object (default 0.5)")
     analyze.add_argument("--ignore-labels",
                          help="comma-separated detection labels that are not salient objects (default road,tree; '' for none)")
     analyze.add_argument("--queries", type=int, default=2, help="qualitative queries per direction (default 2)")
     analyze.add_argument("--max-points", type=int, help="most t-SNE points, images and sentences (default 2000)")
     analyze.add_argument("--seed", type=int, default=0, help="seed of the queries, the t-SNE sample and t-SNE")
+    _add_device_argument(analyze)
     analyze.set_defaults(func=cmd_analyze)
 
     index = sub.add_parser("index", parents=[quiet], help="index your own imagery (GeoTIFF, TIFF, JPEG, PNG, WebP) for search")
@@ -661,25 +741,27 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--first-stage", help="a separable model for the first stage, for a pairwise model without one")
     build.add_argument("--vector-index", help="auto | flat | ivf | hnsw (default auto: chosen by the tile count)")
     build.add_argument("--shard-size", type=int, help="tiles per shard and per commit (default 1024)")
-    build.add_argument("--batch-size", type=int, default=32)
+    build.add_argument("--batch-size", type=int, default=32, help="tiles encoded at once (default 32)")
+    _add_device_argument(build)
     build.set_defaults(func=cmd_index_build)
     add = index_sub.add_parser("add", parents=[quiet], help="index new or changed files into an existing index")
-    add.add_argument("index_dir")
-    add.add_argument("paths", nargs="+", metavar="PATH")
+    add.add_argument("index_dir", help=INDEX_HELP)
+    add.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     add.add_argument("--model", help="the index's model, when it has moved")
-    add.add_argument("--batch-size", type=int, default=32)
+    add.add_argument("--batch-size", type=int, default=32, help="tiles encoded at once (default 32)")
+    _add_device_argument(add)
     add.set_defaults(func=cmd_index_add)
     remove = index_sub.add_parser("remove", parents=[quiet], help="drop files (or whole folders) from an index")
-    remove.add_argument("index_dir")
-    remove.add_argument("paths", nargs="+", metavar="PATH")
+    remove.add_argument("index_dir", help=INDEX_HELP)
+    remove.add_argument("paths", nargs="+", metavar="PATH", help="indexed files or folders to drop")
     remove.set_defaults(func=cmd_index_remove)
     info_index = index_sub.add_parser("info", parents=[quiet], help="what an index holds")
-    info_index.add_argument("index_dir")
+    info_index.add_argument("index_dir", help=INDEX_HELP)
     info_index.add_argument("--json", action="store_true", help="print the full record as JSON")
     info_index.set_defaults(func=cmd_index_info)
 
     search = sub.add_parser("search", parents=[quiet], help="search an index by sentence or by image")
-    search.add_argument("index_dir")
+    search.add_argument("index_dir", help=INDEX_HELP)
     search.add_argument("query", nargs="?", help="a sentence")
     search.add_argument("-k", type=int, default=20, help="results to return (default 20)")
     search.add_argument("--rerank", type=int, default=100,
@@ -689,6 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", help="the index's model, when it has moved (it must be the same model)")
     search.add_argument("--json", help="write the results as JSON")
     search.add_argument("--html", help="write a contact sheet (HTML with thumbnails)")
+    _add_device_argument(search)
     search.set_defaults(func=cmd_search)
 
     localize = sub.add_parser("localize", parents=[quiet],
@@ -702,6 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     localize.add_argument("--batch-size", type=int, default=64, help="windows encoded at once (default 64)")
     localize.add_argument("--no-overlay", action="store_true", help="skip the colour overlay JPEG")
     localize.add_argument("--out", default="localization", help="output folder (default ./localization)")
+    _add_device_argument(localize)
     localize.set_defaults(func=cmd_localize)
 
     loc_eval = sub.add_parser("localize-eval", parents=[quiet],
@@ -714,14 +798,16 @@ def build_parser() -> argparse.ArgumentParser:
     loc_eval.add_argument("--batch-size", type=int, default=64, help="windows encoded at once (default 64)")
     loc_eval.add_argument("--maps", help="also write each sample's heat map PNG into this folder")
     loc_eval.add_argument("--json", help="write per-sample and averaged metrics as JSON")
+    _add_device_argument(loc_eval)
     loc_eval.set_defaults(func=cmd_localize_eval)
 
     serve = sub.add_parser("serve", parents=[quiet], help="a search service and web page over an index")
-    serve.add_argument("index_dir")
+    serve.add_argument("index_dir", help=INDEX_HELP)
     serve.add_argument("--model", help="the index's model, when it has moved (it must be the same model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --token)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     serve.add_argument("--token", help="bearer token every request must carry (required off localhost)")
+    _add_device_argument(serve)
     serve.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", parents=[quiet], help="list registered models")

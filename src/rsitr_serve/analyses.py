@@ -270,10 +270,31 @@ class Division:
     notes: list[str] = field(default_factory=list)
 
 
+def significant_from_classes(split_data: RetrievalDataset, classes: Sequence[str]) -> Division:
+    """Significant = the image's scene class is one of ``classes`` (for datasets without detections, e.g. UCM).
+
+    A class-level stand-in for the paper's detector-then-manual division: scene classes defined by
+    salient objects (airplane, storage tanks, tennis court …) against those of land cover alone.
+    """
+    labels = split_data.scene_labels
+    if labels is None:
+        raise ConfigError(f"dataset {split_data.name!r} carries no scene labels: --significant-classes needs them")
+    known = sorted(set(labels))
+    unknown = [c for c in classes if c not in known]
+    if unknown:
+        raise ConfigError(f"--significant-classes: {', '.join(unknown)} not a scene class of this split "
+                          f"(classes: {', '.join(known)})")
+    mask = np.array([label in set(classes) for label in labels], dtype=bool)
+    return Division(mask, f"scene classes {', '.join(classes)}")
+
+
 def divide_split(split_data: RetrievalDataset, detections: str | Path | None, threshold: float,
-                 ignored: Sequence[str], names_file: str | Path | None) -> Division | None:
-    """The significant/insignificant division of the split from a list of names or a detections file."""
+                 ignored: Sequence[str], names_file: str | Path | None,
+                 classes: Sequence[str] | None = None) -> Division | None:
+    """The significant/insignificant division of the split from classes, a list of names or a detections file."""
     files = split_data.image_files
+    if classes:
+        return significant_from_classes(split_data, classes)
     if names_file is not None:
         names = read_name_list(names_file)
         mask = significant_from_names(files, names)
@@ -834,8 +855,9 @@ def default_out_dir(model_path: str | Path, split: str) -> Path:
 def analyze(model_path: str | Path, out_dir: str | Path | None = None, *, split: str | None = None,
             dataset: str | Path | None = None, detections: str | Path | None = None,
             score_threshold: float = DEFAULT_SCORE_THRESHOLD, significant_list: str | Path | None = None,
+            significant_classes: Sequence[str] | None = None,
             ignored_labels: Sequence[str] = DEFAULT_IGNORED_LABELS, queries: int = 2, seed: int = 0,
-            max_points: int = MAX_TSNE_POINTS, progress: bool = True) -> Path:
+            max_points: int = MAX_TSNE_POINTS, progress: bool = True, device: str | None = None) -> Path:
     """Write the analyses of a run or bundle on a split to ``out_dir``; returns the path of ``index.html``.
 
     Without ``detections`` or ``significant_list``, a run's own detections file (if it has one)
@@ -845,17 +867,18 @@ def analyze(model_path: str | Path, out_dir: str | Path | None = None, *, split:
         ConfigError: bad arguments, an absent split, or a bundle without ``dataset``.
         DatasetError / CheckpointError: unreadable dataset, division file or model.
     """
-    if detections is not None and significant_list is not None:
-        raise ConfigError("give --detections or --significant-list, not both")
+    if sum(x is not None and x != [] for x in (detections, significant_list, significant_classes)) > 1:
+        raise ConfigError("give one of --detections, --significant-list and --significant-classes")
     if queries < 1 or max_points < 5:
         raise ConfigError(f"queries must be >= 1 and max_points >= 5, got {queries} and {max_points}")
-    bundle = load_model(model_path)
+    bundle = load_model(model_path, device=device)
     full = analysis_dataset(model_path, dataset)
     split = resolve_split(full, split)
     split_data = full.split(split)
-    if detections is None and significant_list is None:
+    if detections is None and significant_list is None and not significant_classes:
         detections = bundle.feature_spec.detections if is_run_directory(model_path) else None
-    division = divide_split(split_data, detections, score_threshold, tuple(ignored_labels), significant_list)
+    division = divide_split(split_data, detections, score_threshold, tuple(ignored_labels), significant_list,
+                            significant_classes)
     out = check_writable(out_dir if out_dir is not None else default_out_dir(model_path, split), "analysis folder")
     data = encode_split(bundle, split_data, split, progress)
     try:

@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 
 from rsitr.bundle import BACKBONE_FILE, MANIFEST, MODEL_FILE, RUN_MODEL_JSON, VOCAB_FILE
+from rsitr.data.rasters import TileWindow
 from rsitr.errors import ConfigError, DatasetError
 from rsitr.features import file_sha256
 from rsitr.io import check_writable, read_json, write_json
-from rsitr_serve.tiling import TileWindow
 
 INDEX_FORMAT = "rsitr-index-v1"
 SETTINGS_FILE = "index.json"

@@ -2,7 +2,7 @@
 
 ``rsitr index build PATH... --model MODEL_DIR --out INDEX_DIR`` (:func:`build_index`) walks files
 and folders, cuts every image into tiles (:mod:`rsitr_serve.tiling`), reads each tile window by
-window (:mod:`rsitr_serve.rasters`), encodes it with the model bundle exactly as
+window (:mod:`rsitr.data.rasters`), encodes it with the model bundle exactly as
 :meth:`rsitr.bundle.RetrievalBundle.encode_images` encodes a picture, and stores the encodings in
 shards, the tiles in the catalogue and the first-stage vectors in a FAISS index.
 
@@ -22,7 +22,7 @@ How a job is cut into chunks, and why an interrupted job resumes to the same ind
   and indexed again.
 * Decoding runs in a thread ahead of the model (GDAL and PIL release the GIL while reading and
   resizing), at most two batches ahead, with GDAL's block cache bounded
-  (:data:`rsitr_serve.rasters.GDAL_CACHE_MB`), so memory does not grow with the size of a scene.
+  (:data:`rsitr.data.rasters.GDAL_CACHE_MB`), so memory does not grow with the size of a scene.
 
 Bad input: a missing, unreadable or truncated file is skipped with one warning line naming it and
 counted in the summary; a file that fails part-way loses the tiles it had (none of its tiles stay
@@ -46,14 +46,24 @@ import numpy as np
 import torch
 
 from rsitr.bundle import RetrievalBundle, load_model
+from rsitr.data.images import tiff_bands
+from rsitr.data.rasters import (
+    RASTER_SUFFIXES,
+    ImageSource,
+    RasterInfo,
+    TileWindow,
+    bounded_reading,
+    is_supported,
+    open_image,
+    probe_image,
+)
 from rsitr.errors import ConfigError, DatasetError, RsitrError
 from rsitr.features import ImageBatch, features_of_images, file_sha256, image_batch
 from rsitr.io import read_json
 from rsitr.progress import get_logger, progress_bar
 from rsitr_serve.catalog import SHARD_DIR, TILE_COLUMNS, VECTORS_FILE, Catalog, FileRecord, IndexSettings, model_fingerprint
-from rsitr_serve.rasters import RASTER_SUFFIXES, ImageSource, RasterInfo, bounded_reading, is_supported, open_image, probe_image
 from rsitr_serve.shards import ENCODING_PREFIX, STAGE_PREFIX, ShardReader, shard_name, write_shard
-from rsitr_serve.tiling import TileWindow, check_tiling, count_tiles, iter_tile_windows
+from rsitr_serve.tiling import check_tiling, count_tiles, iter_tile_windows
 from rsitr_serve.vectors import (
     VECTOR_KINDS,
     VectorIndex,
@@ -111,15 +121,16 @@ class Encoders:
         return out
 
 
-def load_encoders(model_dir: str | Path, first_stage_dir: str | Path | None = None) -> Encoders:
+def load_encoders(model_dir: str | Path, first_stage_dir: str | Path | None = None,
+                  device: str | torch.device | None = None) -> Encoders:
     """The model of an index and its first stage; a one-line error when there is no separable stage."""
-    model = load_model(model_dir)
+    model = load_model(model_dir, device=device)
     if first_stage_dir is None:
         if not model.has_first_stage:
             raise ConfigError(f"{model_dir}: model {model.spec.name!r} has no separable first stage; "
                               "give --first-stage OTHER_MODEL_DIR (a separable model, e.g. one of vsepp or dove)")
         return Encoders(model, model)
-    stage = load_model(first_stage_dir)
+    stage = load_model(first_stage_dir, device=device)
     if not stage.has_first_stage:
         raise ConfigError(f"{first_stage_dir}: first-stage model {stage.spec.name!r} has no separable pair of embeddings")
     return Encoders(model, stage)
@@ -236,7 +247,7 @@ def _tiling(settings: IndexSettings) -> tuple[int, float, tuple[float, ...]]:
 
 def bands_for(path: Path, settings: IndexSettings) -> list[int] | None:
     """The index's ``--bands`` for a raster; pictures (JPEG, PNG, WebP) are always read as RGB."""
-    return settings.bands if path.suffix.lower() in RASTER_SUFFIXES else None
+    return tiff_bands(path, settings.bands)
 
 
 def open_indexed(path: str | Path, settings: IndexSettings, stretch: Any = None) -> ImageSource:
@@ -475,6 +486,8 @@ def _settings_for(encoders: Encoders, model_dir: str | Path, first_stage_dir: st
     if vector_kind not in VECTOR_KINDS:
         raise ConfigError(f"--vector-index must be one of {', '.join(VECTOR_KINDS)}, got {vector_kind!r}")
     probe = encoders.stage.first_stage_texts(encoders.stage.encode_texts(["a"]))
+    if bands is None:  # the bands the model was trained on (its feature spec), so tiles look like its training images
+        bands = encoders.model.feature_spec.bands
     return IndexSettings(model=_model_record(model_dir, encoders.model),
                          first_stage=None if first_stage_dir is None else _model_record(first_stage_dir, encoders.stage),
                          tile=int(tile), overlap=float(overlap), scales=[float(s) for s in scales],
@@ -500,14 +513,14 @@ def build_index(paths: Sequence[str | Path], model_dir: str | Path, out_dir: str
                 first_stage_dir: str | Path | None = None, tile: int = DEFAULT_TILE, overlap: float = DEFAULT_OVERLAP,
                 scales: Sequence[float] = DEFAULT_SCALES, bands: Sequence[int] | None = None,
                 shard_size: int = DEFAULT_SHARD_SIZE, vector_kind: str = "auto", batch_size: int = 32,
-                progress: bool = True) -> JobSummary:
+                progress: bool = True, device: str | torch.device | None = None) -> JobSummary:
     """Create an index of ``paths`` in ``out_dir``, or bring an existing one up to date (resume).
 
     Raises:
         ConfigError: an existing index made with another model or other settings, or bad settings.
     """
     folder = Path(out_dir)
-    encoders = load_encoders(model_dir, first_stage_dir)
+    encoders = load_encoders(model_dir, first_stage_dir, device)
     wanted = _settings_for(encoders, model_dir, first_stage_dir, tile, overlap, scales, bands, shard_size, vector_kind)
     try:
         existing: IndexSettings | None = IndexSettings.read(folder)
@@ -523,16 +536,16 @@ def build_index(paths: Sequence[str | Path], model_dir: str | Path, out_dir: str
 
 
 def add_to_index(index_dir: str | Path, paths: Sequence[str | Path], *, model_dir: str | Path | None = None,
-                 batch_size: int = 32, progress: bool = True) -> JobSummary:
+                 batch_size: int = 32, progress: bool = True, device: str | torch.device | None = None) -> JobSummary:
     """Index new or changed files of ``paths`` into an existing index (its model and settings)."""
     folder = Path(index_dir)
     settings = IndexSettings.read(folder)
-    encoders = open_encoders(settings, model_dir)
+    encoders = open_encoders(settings, model_dir, device)
     with Catalog(folder, writable=True) as catalog:
         return _run_job(paths, encoders, settings, folder, catalog, batch_size, progress)
 
 
-def open_encoders(settings: IndexSettings, model_dir: str | Path | None) -> Encoders:
+def open_encoders(settings: IndexSettings, model_dir: str | Path | None, device: str | torch.device | None = None) -> Encoders:
     """The index's model (from ``model_dir`` when given: it must be the same model) and first stage."""
     model_path = Path(model_dir) if model_dir is not None else Path(settings.model["path"])
     check_model(settings.model, model_path)
@@ -540,7 +553,7 @@ def open_encoders(settings: IndexSettings, model_dir: str | Path | None) -> Enco
     if settings.first_stage is not None:
         stage_path = Path(settings.first_stage["path"])
         check_model(settings.first_stage, stage_path)
-    return load_encoders(model_path, stage_path)
+    return load_encoders(model_path, stage_path, device)
 
 
 def check_model(record: dict[str, str], path: Path) -> None:

@@ -10,7 +10,7 @@ localization", 2022; the reference prediction procedure, v1), vectorised:
    and an axis shorter than ``s`` is spanned whole. A window that occurs twice (the shifted last
    window of one grid can coincide with a window of the other) is kept once: it carries no new
    evidence, and counting it twice would weight it double in the mean of step 3.
-2. **Scores.** Each window is read at source resolution (:mod:`rsitr_serve.rasters`: GeoTIFFs window
+2. **Scores.** Each window is read at source resolution (:mod:`rsitr.data.rasters`: GeoTIFFs window
    by window through GDAL, pictures decoded once), resized to the model's input side with the model's
    own preprocessing (so a window is seen exactly as a dataset image of that size would be; SeLo
    resizes bicubically to its model's 256 px), encoded, and scored against each sentence with the
@@ -56,13 +56,14 @@ from PIL import Image
 from rasterio.transform import Affine
 
 from rsitr.bundle import RetrievalBundle
+from rsitr.data.images import tiff_bands
+from rsitr.data.rasters import ImageSource, TileWindow, bounded_reading, open_image
 from rsitr.errors import ConfigError
 from rsitr.features import ImageBatch, features_of_images, image_batch
 from rsitr.io import atomic_path, check_writable, write_json
 from rsitr.models.base import Encoding, concat_encodings
 from rsitr.progress import progress_bar
-from rsitr_serve.rasters import ImageSource, bounded_reading, open_image
-from rsitr_serve.tiling import MIN_TILE, TileWindow
+from rsitr_serve.tiling import MIN_TILE
 
 #: Window sides (px) of ``rsitr localize`` when none are given.
 DEFAULT_SIZES = (128, 256, 512)
@@ -286,6 +287,7 @@ class Localization:
     times: StageTimes
     crs: str | None = None
     transform: tuple[float, ...] | None = None
+    bands: list[int] | None = None  # the source bands read as R, G, B (None: the file's default, or a picture)
 
     def hottest(self, k: int) -> tuple[int, int]:
         """(x, y) of the hottest pixel of sentence ``k``'s heat map (the first in row-major order)."""
@@ -307,9 +309,14 @@ class Localization:
 def localize(bundle: RetrievalBundle, image: str | Path, sentences: Sequence[str], sizes: Sequence[int] = DEFAULT_SIZES,
              blur: int = DEFAULT_BLUR, batch_size: int = 64, bands: Sequence[int] | None = None,
              progress: bool = True) -> Localization:
-    """Heat maps of ``sentences`` over ``image`` (steps 1–4 of the module docstring)."""
+    """Heat maps of ``sentences`` over ``image`` (steps 1–4 of the module docstring).
+
+    ``bands``: the source bands of a TIFF that become R, G, B; None = the bands the model was trained
+    on (its feature spec), else the file's default. Pictures are read as RGB.
+    """
     if not sentences:
         raise ConfigError("localisation needs at least one sentence")
+    bands = tiff_bands(image, bands if bands is not None else bundle.feature_spec.bands)
     times = StageTimes()
     with bounded_reading(), open_image(image, bands) as source:
         info = source.info
@@ -328,7 +335,7 @@ def localize(bundle: RetrievalBundle, image: str | Path, sentences: Sequence[str
             fused = fuse_window_scores(windows, scores[:, k], info.width, info.height)
             heat.append(normalise_and_smooth(fused, blur))
     return Localization(Path(image), info.width, info.height, list(sentences), check_sizes(sizes), blur, windows, scores,
-                        heat, times, info.crs, info.transform)
+                        heat, times, info.crs, info.transform, bands)
 
 
 # ----------------------------------------------------------------------------------- outputs
@@ -382,13 +389,12 @@ def output_stem(result: Localization, k: int) -> str:
     return result.path.stem if len(result.sentences) == 1 else f"{result.path.stem}-{k}"
 
 
-def write_localization(result: Localization, out_dir: str | Path, bands: Sequence[int] | None = None,
-                       overlay: bool = True) -> list[Path]:
+def write_localization(result: Localization, out_dir: str | Path, overlay: bool = True) -> list[Path]:
     """Heat map PNG, colour overlay JPEG and (georeferenced input) GeoTIFF, plus a JSON record, per sentence."""
     out = check_writable(out_dir, "localisation output folder")
     written: list[Path] = []
     with result.times.stage("writing"):
-        picture = _overview(result.path, bands, result.width, result.height) if overlay else None
+        picture = _overview(result.path, result.bands, result.width, result.height) if overlay else None
         for k, heat in enumerate(result.heat):
             stem = output_stem(result, k)
             written.append(save_with_rename(out / f"{stem}.heat.png", save_png, heat))

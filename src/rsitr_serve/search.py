@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from rsitr.data.rasters import TileWindow
 from rsitr.errors import ConfigError, DatasetError
 from rsitr.text import tokenize
 from rsitr_serve.catalog import SHARD_DIR, VECTORS_FILE, Catalog, IndexSettings
 from rsitr_serve.indexer import Encoders, open_encoders, open_indexed, stage_prefix, unit_rows, vectors_generation
 from rsitr_serve.localize import DEFAULT_BLUR, fuse_window_scores, normalise_and_smooth, odd_kernel
 from rsitr_serve.shards import ENCODING_PREFIX, ShardReader
-from rsitr_serve.tiling import TileWindow
 from rsitr_serve.vectors import VectorIndex
 
 #: Largest side of a query image read whole; larger rasters are read decimated to this size.
@@ -84,10 +84,10 @@ class TileResult:
 class TileSearcher:
     """An opened index: its model, catalogue, shards and vector index, ready for queries."""
 
-    def __init__(self, index_dir: str | Path, model_dir: str | Path | None = None) -> None:
+    def __init__(self, index_dir: str | Path, model_dir: str | Path | None = None, device: str | torch.device | None = None) -> None:
         self.folder = Path(index_dir)
         self.settings = IndexSettings.read(self.folder)
-        self.encoders: Encoders = open_encoders(self.settings, model_dir)
+        self.encoders: Encoders = open_encoders(self.settings, model_dir, device)
         self.catalog = Catalog(self.folder)
         self.vectors = self._open_vectors()
         self.shards = ShardReader(self.folder / SHARD_DIR)

@@ -67,12 +67,12 @@ from PIL import Image, UnidentifiedImageError
 
 import rsitr
 from rsitr.data.images import to_rgb
+from rsitr.data.rasters import TileWindow
 from rsitr.errors import RsitrError
 from rsitr.progress import get_logger
 from rsitr_serve.indexer import open_indexed
 from rsitr_serve.localize import colour_overlay
 from rsitr_serve.search import TileResult, TileSearcher
-from rsitr_serve.tiling import TileWindow
 
 logger = get_logger(__name__)
 
@@ -90,8 +90,8 @@ _STATIC = resources.files("rsitr_serve") / "static"
 class SearchService:
     """The opened index and what every request shares: the searcher behind one lock, and image caches."""
 
-    def __init__(self, index_dir: str | Path, model_dir: str | Path | None = None) -> None:
-        self.searcher = TileSearcher(index_dir, model_dir=model_dir)
+    def __init__(self, index_dir: str | Path, model_dir: str | Path | None = None, device: str | None = None) -> None:
+        self.searcher = TileSearcher(index_dir, model_dir=model_dir, device=device)
         self.lock = threading.Lock()
         # Queries run on one thread of their own: torch's allocations then stay in one malloc arena
         # instead of one per thread of the server's pool, which made memory creep under many clients.
@@ -226,12 +226,13 @@ def _bearer(request: Request) -> str | None:
     return header[len("Bearer "):] if header.startswith("Bearer ") else None
 
 
-def create_app(index_dir: str | Path, model_dir: str | Path | None = None, token: str | None = None) -> FastAPI:
+def create_app(index_dir: str | Path, model_dir: str | Path | None = None, token: str | None = None,
+               device: str | None = None) -> FastAPI:
     """The application over the index in ``index_dir`` (opened when the app starts, closed when it stops)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.service = SearchService(index_dir, model_dir)
+        app.state.service = SearchService(index_dir, model_dir, device)
         try:
             yield
         finally:

@@ -20,7 +20,8 @@ For each scale, in the order given:
   axes, or when both round to the same ``size``: so a scale is either kept whole or dropped whole.
 * Order: by scale as given, then row-major (y, then x). The result depends on the arguments only.
 
-:class:`TileWindow` compares field by field (scale, x, y, width, height), which is *not* the order
+Tiles are :class:`rsitr.data.rasters.TileWindow` (the library's pixel window, which its raster
+reader reads). They compare field by field (scale, x, y, width, height), which is *not* the order
 :func:`iter_tile_windows` yields: sorting a tile list is not a way to restore it.
 
 :func:`count_tiles` counts without building the list (a 20,000 × 20,000 scene at tile 256 and overlap
@@ -32,29 +33,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
+from rsitr.data.rasters import TileWindow
 from rsitr.errors import ConfigError
 
 MIN_TILE = 16
 #: Overlaps at or above this are refused: at 0.95 each pixel is in 400 windows of one scale.
 MAX_OVERLAP = 0.95
-
-
-@dataclass(frozen=True, order=True)
-class TileWindow:
-    """A tile: a pixel window (x, y, width, height) of its source image, cut at size multiplier `scale`."""
-
-    scale: float
-    x: int
-    y: int
-    width: int
-    height: int
-
-    @property
-    def box(self) -> tuple[int, int, int, int]:
-        """The window as (x, y, width, height), without its scale: what identifies its pixels."""
-        return (self.x, self.y, self.width, self.height)
 
 
 def check_tiling(tile: int, overlap: float, scales: Sequence[float]) -> None:

@@ -30,6 +30,7 @@ import yaml
 
 from rsitr.errors import ConfigError
 from rsitr.features import default_cache_dir
+from rsitr.features.spec import checked_bands
 from rsitr.io import check_keys, list_yaml_names, read_named_yaml
 from rsitr.precision import check_precision
 from rsitr.progress import get_logger
@@ -70,6 +71,16 @@ class FeatureConfig:
     cache_dir: str = field(default_factory=default_cache_dir)  # where extracted features are cached
     batch_size: int = 32  # images per backbone forward pass
     backbone_seed: int = 0  # seed of the random backbone init when no weights are given (kept apart from train.seed so seeds share one cache)
+    bands: list[int] | None = None  # TIFF source bands (1-based) that become R, G, B, e.g. [4, 3, 2]; null = the file's RGB, else bands 1-3
+
+    def __post_init__(self) -> None:
+        """``bands`` as a list of one or three band numbers; ``"4,3,2"`` (what ``--set features.bands=4,3,2`` gives) too."""
+        value: Any = self.bands
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = [int(part) for part in value.split(",") if part.strip()]
+        bands = checked_bands(value, "features.bands")
+        self.bands = None if bands is None else list(bands)
 
 
 @dataclass
@@ -214,7 +225,9 @@ def _build_section(name: str, values: dict[str, Any], source: str, origins: dict
     for key in [k for k in values if f"{name}.{k}" in RETIRED_KEYS]:
         logger.info(f"{source}: ignoring {name}.{key} ({RETIRED_KEYS[f'{name}.{key}']})")
         del values[key]
-    check_keys(values, [f.name for f in dataclasses.fields(cls)], source, prefix=f"{name}.")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    typed = [(origins or {})[f"{name}.{k}"] for k in values if k not in valid and f"{name}.{k}" in (origins or {})]
+    check_keys(values, valid, typed[0] if typed else source, prefix=f"{name}.")  # an unknown --set names itself
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         dotted = f"{name}.{key}"

@@ -110,7 +110,7 @@ def load_image_store(dataset: RetrievalDataset, spec: FeatureSpec, image_ids: li
                      progress: bool = True) -> ImageStore:
     """Decode ``image_ids`` once into memory (uint8 at ``spec.image_size``) with their region boxes."""
     images = decode_images([dataset.image_path(i) for i in image_ids], spec.image_size, threads, progress,
-                           desc="decoding images")
+                           desc="decoding images", bands=spec.bands)
     boxes, mask, given = region_boxes(dataset, spec, image_ids)
     ids = torch.tensor(image_ids, dtype=torch.int64)
     row_of = torch.full((dataset.num_images,), -1, dtype=torch.int64)

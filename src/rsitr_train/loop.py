@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rsitr.io import atomic_path, write_text
+from rsitr.io import atomic_path, remove_partial_writes, write_text
 from rsitr.progress import get_logger
 
 logger = get_logger(__name__)
@@ -72,12 +72,29 @@ def cleaned_on_failure(folder: Path, keep: str) -> Iterator[None]:
         raise
 
 
+def remove_interrupted_writes(folder: Path) -> None:
+    """Delete the temporary files a job killed mid-write left in its own folder, with one line if there were any.
+
+    Those files (:func:`rsitr.io.atomic_path`'s ``.<name>.*.tmp``) are never read as the files
+    they were to become; the epoch that was writing them runs again and writes them whole.
+    """
+    removed = remove_partial_writes(folder)
+    if removed:
+        logger.warning("%s: removed %d partial file(s) an interrupted run left (%s); their epoch runs again",
+                       folder, len(removed), ", ".join(removed))
+
+
 def save_resume(path: Path, state: LoopState, last_epoch: int, **extra: Any) -> None:
-    """Write ``resume.pt`` atomically: ``extra`` (state dicts, counters) plus the loop state and the RNG."""
+    """Write ``resume.pt`` atomically: ``extra`` (state dicts, counters) plus the loop state and the RNG.
+
+    torch writes through a Python file, so that a refused write (a full disk) reaches
+    :func:`rsitr.io.atomic_path` as the system's OSError; given a path, torch's own writer reports
+    only an unexpected stream position.
+    """
     payload = {**extra, "epoch": last_epoch, "best": state.best, "history_json": json.dumps(state.history),
                "torch_rng": torch.get_rng_state()}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, tmp.open("wb") as handle:
+        torch.save(payload, handle)
 
 
 def load_resume(path: Path) -> dict[str, Any] | None:

@@ -72,6 +72,7 @@ from rsitr_train.loop import (
     LoopState,
     cleaned_on_failure,
     load_resume,
+    remove_interrupted_writes,
     resumed_state,
     run_epochs,
     save_resume,
@@ -529,6 +530,7 @@ def _pretrain(config: PretrainConfig, data: ClassificationData, out_dir: Path, p
     if config.threads:
         torch.set_num_threads(config.threads)
     resume_path = out_dir / RESUME
+    remove_interrupted_writes(out_dir)
     payload = _load_resume(resume_path, config, data) if resume_path.exists() else None
     write_json(out_dir / CONFIG_FILE, {"config": config.to_dict(), "data": data.source, "classes": list(data.classes),
                                        "num_train": len(data.train_paths), "num_val": len(data.val_paths)})

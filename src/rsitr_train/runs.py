@@ -9,7 +9,8 @@ A run directory holds everything needed to evaluate or resume a run::
     backbone.safetensors the backbone of that epoch (end-to-end runs only; torchvision keys, so
                          ``--backbone-weights`` and :func:`rsitr.backbones.create_backbone` load it)
     resume.pt            last epoch's model, optimiser, scheduler and RNG state (for resuming),
-                         and the backbone in end-to-end runs
+                         and the backbone in end-to-end runs; about 3x model.safetensors (the
+                         weights and Adam's two moments of each), read by resuming only
     splits.json          the split of every image it trained with (selection split included)
     metrics.csv          loss terms and validation metrics per epoch
     training_curves.png  the same, plotted
@@ -30,14 +31,19 @@ import torch
 
 from rsitr.backbones import Backbone
 from rsitr.bundle import BACKBONE_FILE, MODEL_FILE, RUN_MODEL_JSON, load_model, vocab_digest
+from rsitr.data.tokenized import SplitData
 from rsitr.devices import resolve_device
-from rsitr.errors import CheckpointError
+from rsitr.errors import CheckpointError, ConfigError
 from rsitr.evaluation import chance_metrics, extra_views, format_table
 from rsitr.features import feature_dims, file_sha256
 from rsitr.io import save_tensors, write_json
 from rsitr.models import RetrievalModel
+from rsitr.progress import get_logger
+from rsitr.text import Vocabulary
 from rsitr_train.config import load_config
-from rsitr_train.trainer import SPLITS_FILE, Prepared, evaluate_split, prepare
+from rsitr_train.trainer import SPLITS_FILE, Prepared, evaluate_split, prepare, report_split
+
+logger = get_logger(__name__)
 
 CHECKPOINT = MODEL_FILE
 BACKBONE_CHECKPOINT = BACKBONE_FILE
@@ -106,11 +112,43 @@ def load_run(run_dir: str | Path, progress: bool = True, dataset: str | Path | N
     return bundle.model.to(where), prepared
 
 
-def evaluate_run(run_dir: str | Path, split: str, json_path: str | Path | None = None,
+def run_report_split(run_dir: str | Path, prepared: Prepared) -> str:
+    """The split ``rsitr evaluate`` reports by default: :func:`rsitr_train.trainer.report_split` of the run.
+
+    One-line ConfigError when every split trained or chose the checkpoint, naming the flag that
+    shows the selection split's (optimistic) figures anyway.
+    """
+    data = prepared.config.data
+    split = report_split(prepared.dataset, data.train_split, data.val_split)
+    if split is None:
+        raise ConfigError(f"{run_dir}: every split of {prepared.dataset.name} ({', '.join(prepared.dataset.splits())}) "
+                          f"trained or chose the checkpoint; give --split {data.val_split} for the selection split's "
+                          "(optimistic) figures")
+    return split
+
+
+def warn_unknown_captions(data: SplitData, vocab: Vocabulary, split: str, source: str | Path) -> int:
+    """Log one line when captions of ``split`` have no word of the run's vocabulary; returns how many.
+
+    Such a caption is read as ``<unk>`` tokens only (:meth:`rsitr.text.Vocabulary.encode`), so every
+    one of them gets the same text encoding and the same ranks: legitimate input, but a sign of a
+    dataset the model was not trained for. Padding (0) is not a word.
+    """
+    words = (data.tokens != vocab.unk_index) & (data.tokens != 0)
+    unknown = int((~words.any(dim=1)).sum())
+    if unknown:
+        logger.warning("%s: %d of %d %s caption(s) have no word of the run's vocabulary; each reads as <unk> only",
+                       source, unknown, len(data.lengths), split)
+    return unknown
+
+
+def evaluate_run(run_dir: str | Path, split: str | None = None, json_path: str | Path | None = None,
                  progress: bool = True, precision: str | None = None, dataset: str | None = None,
                  device: str | torch.device | None = None) -> dict[str, Any]:
     """Evaluate a run directory on ``split``; write and return the result (:func:`result_table` prints it).
 
+    ``split`` None is the run's report split (:func:`run_report_split`: test, else a val split
+    that did not choose the epoch), the split ``rsitr train`` and ``rsitr benchmark`` report.
     ``precision`` (``"fp32"`` or ``"bf16"``) overrides the run's ``train.precision``; ``dataset``
     evaluates on another copy of the data than the one the run's config names. The result says
     which split chose the checkpoint (``selection_split``) and, when ``split`` is that split,
@@ -118,10 +156,12 @@ def evaluate_run(run_dir: str | Path, split: str, json_path: str | Path | None =
     (``metrics_reference_ties``) and the distinct-text view (``metrics_distinct_text``).
     """
     model, prepared = load_run(run_dir, progress=progress, dataset=dataset, device=device)
+    split = split or run_report_split(run_dir, prepared)
     precision = precision or prepared.config.train.precision
     started = time.perf_counter()
     metrics, sims, data = evaluate_split(model, prepared, split, progress=progress, precision=precision)
     seconds = time.perf_counter() - started
+    warn_unknown_captions(data, prepared.vocab, split, prepared.config.data.path)
     chance = chance_metrics(len(data.image_ids), data.caption_local_image)
     selection = prepared.config.data.val_split
     result = {"model": prepared.spec.name, "dataset": prepared.dataset.name, "split": split,

@@ -86,6 +86,7 @@ from rsitr_train.loop import (
     LoopState,
     cleaned_on_failure,
     load_resume,
+    remove_interrupted_writes,
     resumed_state,
     run_epochs,
     save_resume,
@@ -135,6 +136,7 @@ def feature_spec(config: RunConfig, spec: ModelSpec) -> FeatureSpec:
         "detections": f.detections,
         "precision": f.precision,
         "seed": f.backbone_seed,
+        "bands": f.bands,
     }
     values.update(spec.features)
     return FeatureSpec(**values)
@@ -163,6 +165,20 @@ def run_dataset(config: RunConfig, splits: Path | None = None) -> RetrievalDatas
     if data.exclude:
         dataset = _exclude(dataset, data.exclude, data.train_split, data.exclude_against)
     return dataset
+
+
+def report_split(dataset: RetrievalDataset, train_split: str, selection_split: str) -> str | None:
+    """The split a run's figures are reported on: test, else val, whichever neither trained nor chose the epoch.
+
+    The rule of :func:`rsitr_train.experiments.resolve_protocol` (docs/protocol.md) for a run whose
+    splits are already set: a dataset with a test split reports test; a train/val dataset with a
+    selection split carved from train reports val. None when every split trained or selected (a
+    train/val dataset selecting on val): its only honest figures would need a carved selection split.
+    """
+    for name in ("test", "val"):
+        if name in dataset.splits() and name not in (train_split, selection_split):
+            return name
+    return None
 
 
 def _exclude(dataset: RetrievalDataset, path: str, train_split: str, against: list[str]) -> RetrievalDataset:
@@ -388,6 +404,8 @@ def _train(config: RunConfig, run_dir: Path, progress: bool, device: torch.devic
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     resume_path = run_dir / RESUME
+    if world.main:
+        remove_interrupted_writes(run_dir)
     payload = _read_resume(run_dir, config, world)
     vocab = Vocabulary.load(run_dir / "vocab.json") if payload is not None else None
     splits_path = run_dir / SPLITS_FILE
@@ -468,7 +486,8 @@ def _train(config: RunConfig, run_dir: Path, progress: bool, device: torch.devic
     best_row = max(history, key=lambda r: r["val_mR"]) if history else {}
     summary = {"best_epoch": best_row.get("epoch"), "best_val_mR": best_row.get("val_mR"),
                "seconds_per_epoch": float(np.mean([r["train_seconds"] for r in history])) if history else 0.0,
-               "parameters": n_params}
+               "parameters": n_params, "epochs": config.train.epochs, "selection_split": config.data.val_split,
+               "report_split": report_split(prepared.dataset, config.data.train_split, config.data.val_split)}
     if backbone is not None:
         summary["backbone_parameters"] = n_backbone
     return summary

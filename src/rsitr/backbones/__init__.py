@@ -9,6 +9,7 @@ is reproducible and does not disturb the global RNG. With weights, the file is l
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def _read_state_dict(path: Path) -> object:
             return load_file(str(path), device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+            # weights_only refused an object (not a damaged file): say so, not torch's paragraph of advice
+            raise CheckpointError(path, "cannot read backbone weights: the file holds pickled objects besides tensors, "
+                                        "refused without running them (torch.load weights_only); save a plain state dict") from exc
         detail = str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__
         raise CheckpointError(path, f"cannot read backbone weights ({exc.__class__.__name__}: {detail})") from exc
 

@@ -7,8 +7,12 @@ the image list; a file whose metadata does not match is recomputed, never reused
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +22,11 @@ from safetensors import safe_open
 from torch import Tensor
 
 from rsitr.data.dataset import RetrievalDataset
-from rsitr.distributed import all_agree, barrier, is_main
+from rsitr.distributed import all_agree, barrier, is_main, world
 from rsitr.errors import CheckpointError, ConfigError
 from rsitr.features.compute import compute_dataset_tensors
 from rsitr.features.spec import FEATURES_FORMAT, MAP_PREFIX, TENSOR_KEYS, FeatureSpec, parse_maps
-from rsitr.io import check_writable, save_tensors
+from rsitr.io import check_writable, remove_partial_writes, save_tensors
 from rsitr.progress import get_logger
 
 logger = get_logger(__name__)
@@ -179,20 +183,94 @@ def extract_features(dataset: RetrievalDataset, spec: FeatureSpec, cache_dir: st
     In a distributed run (``torchrun``) every process must call this: the cache is used only when
     every process finds it valid (one vote, so no process computes alone), the images are shared
     out among the processes (:func:`compute_dataset_tensors`), and rank 0 alone writes the file.
+
+    Two jobs needing the same cache file at once (two trainings started together): the writer
+    holds an advisory lock on ``<file>.lock`` (:func:`cache_lock`) while it computes and writes,
+    so the other waits (one log line) and then reads the finished file instead of computing it
+    again. Temporary files an interrupted (killed) writer left for this cache file are removed
+    under the lock, where no live writer can own them.
     """
     key = spec.cache_key(dataset)
     path = spec.cache_path(dataset, cache_dir, key) if cache_dir is not None else None
     cached = _load_cached(path, key, dataset) if path is not None and path.is_file() else None
     if path is not None and all_agree(cached is not None) and cached is not None:
-        cached.spec = spec  # same key, so equivalent; keep the caller's paths
-        logger.info("features: loaded %d images from cache %s", cached.num_images, path.name)
-        return cached
+        return _from_cache(cached, spec, path)
     if cache_dir is not None and is_main():
         check_writable(cache_dir, "feature cache")  # before minutes of extraction; a valid cache may sit read-only
-    features = compute_features(dataset, spec, batch_size=batch_size, progress=progress and is_main(), device=device)
-    features.cache_key = key
-    if path is not None and is_main():
-        save_features(path, features)
+    writer = path if is_main() else None  # the process that writes the file (rank 0), None without a cache
+    with cache_lock(writer) if writer is not None else contextlib.nullcontext(False) as waited:
+        if waited and writer is not None and writer.is_file() and not world().distributed:
+            cached = _load_cached(writer, key, dataset)  # the job waited for has just written it
+            if cached is not None:
+                return _from_cache(cached, spec, writer)
+        if writer is not None:
+            _remove_partial_writes(writer)
+        features = compute_features(dataset, spec, batch_size=batch_size, progress=progress and is_main(), device=device)
+        features.cache_key = key
+        if writer is not None:
+            save_features(writer, features)
     barrier()  # the file is there for every process once this returns
     return features
+
+
+def _from_cache(cached: ImageFeatures, spec: FeatureSpec, path: Path) -> ImageFeatures:
+    cached.spec = spec  # same key, so equivalent; keep the caller's paths
+    logger.info("features: loaded %d images from cache %s", cached.num_images, path.name)
+    return cached
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive advisory lock (``fcntl.flock``) on ``<path>.lock`` for the block; yields whether it had to wait.
+
+    The lock belongs to the open file, so the system releases it when the process ends, even by
+    kill -9: a dead writer never blocks the next one. The holder removes the lock file when it is
+    done (a killed one leaves it, harmless: the next writer locks and removes it); a waiter that
+    then holds a file no longer at ``<path>.lock`` opens the path again, so two writers never hold
+    the lock on two different files.
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    waited = False
+    while True:
+        try:
+            handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"{lock_path}: cannot create the feature cache's lock ({exc.strerror or exc})") from exc
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                logger.info("features: another process is writing %s; waiting for it", path.name)
+            waited = True
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks (some network mounts): atomic renames still hold
+            os.close(handle)
+            logger.warning("features: cannot lock %s (%s); writing without waiting for other writers",
+                           lock_path.name, exc.strerror or exc)
+            yield False
+            return
+        if _still_at(handle, lock_path):
+            break
+        os.close(handle)  # the holder removed the file while this one waited: lock the one at the path now
+    try:
+        yield waited
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(handle)  # releases the lock
+
+
+def _still_at(handle: int, path: Path) -> bool:
+    """Whether the open file ``handle`` is the file at ``path``."""
+    try:
+        mine, there = os.fstat(handle), os.stat(path)
+        return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+    except FileNotFoundError:
+        return False
+
+
+def _remove_partial_writes(path: Path) -> None:
+    """Delete the temporary files of ``path`` a killed writer left (under the lock no live writer owns them)."""
+    stale = remove_partial_writes(path.parent, glob.escape(path.name))
+    if stale:
+        logger.warning("features: removed %d partial file(s) of %s left by an interrupted extraction", len(stale), path.name)
 

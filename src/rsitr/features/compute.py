@@ -33,7 +33,8 @@ from torch.nn import functional as F
 
 from rsitr.backbones import Backbone, backbone_info, create_backbone
 from rsitr.data.dataset import RetrievalDataset
-from rsitr.data.images import load_image, normalize, resize_rgb, to_rgb
+from rsitr.data.images import load_image, normalize, read_image, resize_rgb, tiff_bands, to_rgb
+from rsitr.devices import module_device
 from rsitr.distributed import process_device, shard_range, world
 from rsitr.errors import ConfigError
 from rsitr.features.detections import Detections, lookup, own_boxes, read_detections, select_boxes
@@ -107,7 +108,7 @@ def dataset_batch(dataset: RetrievalDataset, ids: Sequence[int], spec: FeatureSp
     """Decode and resize dataset images ``ids`` and choose their boxes from ``detections``."""
     images, boxes, masks, given = [], [], [], []
     for i in ids:
-        image, original_size = load_image(dataset.image_path(i), spec.image_size)
+        image, original_size = load_image(dataset.image_path(i), spec.image_size, spec.bands)
         entry = lookup(detections, dataset.image_files[i]) if detections is not None else None
         b, m, own = choose_boxes(entry, original_size, spec)
         images.append(image)
@@ -122,6 +123,9 @@ def image_batch(images: Sequence[ImageInput], spec: FeatureSpec,
                 scores: Sequence[np.ndarray | None] | None = None) -> ImageBatch:
     """Any images, of any size and mode, prepared exactly as dataset images are.
 
+    A TIFF path is read with ``spec.bands`` (the bands the model was trained on); a picture path,
+    a PIL image or an array is taken as RGB (:func:`rsitr.data.images.tiff_bands`).
+
     Args:
         images: paths, PIL images or arrays (see :data:`ImageInput`).
         boxes: per image, (k, 4) region boxes ``x1, y1, x2, y2`` in that image's original pixels,
@@ -132,7 +136,7 @@ def image_batch(images: Sequence[ImageInput], spec: FeatureSpec,
         raise ConfigError(f"{len(boxes)} box sets for {len(images)} images")
     tensors, chosen, masks, own = [], [], [], []
     for k, item in enumerate(images):
-        picture = to_rgb(item)
+        picture = read_image(item, tiff_bands(item, spec.bands)) if isinstance(item, (str, Path)) else to_rgb(item)
         original_size = picture.size
         tensors.append(resize_rgb(picture, spec.image_size))
         entry = None
@@ -258,8 +262,10 @@ def as_read(features: dict[str, Tensor], spec: FeatureSpec) -> dict[str, Tensor]
 
 @torch.inference_mode()
 def features_of_images(backbone: Backbone, batch: ImageBatch, spec: FeatureSpec) -> dict[str, Tensor]:
-    """Eval features of an :class:`ImageBatch`, exactly as a model reads them from the cache."""
-    return as_read(backbone_features(backbone, batch.images, batch.boxes, batch.mask, spec, given=batch.given), spec)
+    """Eval features of an :class:`ImageBatch`, exactly as a model reads them from the cache (on the backbone's device)."""
+    device = module_device(backbone)
+    return as_read(backbone_features(backbone, batch.images.to(device), batch.boxes.to(device), batch.mask.to(device), spec,
+                                     given=batch.given.to(device)), spec)
 
 
 def _allocate(n: int, spec: FeatureSpec) -> dict[str, Tensor]:

@@ -1,9 +1,9 @@
 """What determines a set of image features (:class:`FeatureSpec`), and their sizes.
 
 A spec names the backbone and its weights, the input size, the region boxes (their source:
-a detections file, the fixed grid or activation proposals) and the spatial maps
-a model asks for; :meth:`FeatureSpec.cache_key` digests everything that changes the features, so
-a cache file is reused only for exactly the features it holds. :func:`feature_dims` gives the
+a detections file, the fixed grid or activation proposals), the spatial maps a model asks for
+and the source bands of multispectral TIFFs; :meth:`FeatureSpec.cache_key` digests everything
+that changes the features, so a cache file is reused only for exactly the features it holds. :func:`feature_dims` gives the
 channel counts a model needs to build itself, without building the backbone.
 """
 
@@ -65,6 +65,10 @@ class FeatureSpec:
             multi-scale grid for every image (:func:`rsitr.features.roi.default_boxes`), or
             ``"activation"``, detector-free proposals from the backbone's own maps in the same
             forward pass (:mod:`rsitr.features.proposals`). A detections entry wins over either.
+        bands: the 1-based source bands of TIFF images that become R, G, B (three numbers, e.g.
+            ``(4, 3, 2)`` for a near-infrared false-colour composite, or one read as gray); None =
+            the file's red, green and blue colour interpretation, else bands 1-3 (the raster
+            reader's default, :mod:`rsitr.data.rasters`). See :func:`rsitr.data.images.read_image`.
     """
 
     backbone: str = "resnet50"
@@ -78,6 +82,7 @@ class FeatureSpec:
     seed: int = 0
     maps: tuple[str, ...] = ()
     boxes: str = "grid"
+    bands: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("weights", "detections"):
@@ -92,6 +97,7 @@ class FeatureSpec:
             raise ConfigError(f"feature boxes {self.boxes!r} is not one of {', '.join(BOX_SOURCES)}")
         object.__setattr__(self, "maps", tuple(str(m) for m in (self.maps or ())))
         parse_maps(self.maps, self.backbone)  # raises ConfigError on a bad entry
+        object.__setattr__(self, "bands", checked_bands(self.bands, "feature bands"))
         for name, minimum in (("image_size", 32), ("num_regions", 0), ("roi_output_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -102,6 +108,7 @@ class FeatureSpec:
         """JSON-ready fields (paths as strings)."""
         out = asdict(self)
         out["maps"] = list(self.maps)
+        out["bands"] = None if self.bands is None else list(self.bands)
         for name in ("weights", "detections"):
             out[name] = None if out[name] is None else str(out[name])
         return out
@@ -121,7 +128,7 @@ class FeatureSpec:
         never reads this one's features, and a missing image is a one-line error here, before any
         work. The box source enters when it is not ``"grid"``
         (with the proposals' version), so caches written before the field existed stay valid
-        for the grid and never serve another source.
+        for the grid and never serve another source; the bands likewise, when they are given.
         """
         weights = f"sha256:{file_sha256(self.weights)}" if self.weights else f"random-init-seed{self.seed}"
         detections = f"sha256:{file_sha256(self.detections)}" if self.detections else "default-boxes"
@@ -141,6 +148,8 @@ class FeatureSpec:
         }
         if self.boxes != "grid":
             parts["boxes"] = f"{self.boxes}:{PROPOSALS_VERSION}"
+        if self.bands is not None:
+            parts["bands"] = list(self.bands)
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
 
     def cache_path(self, dataset: RetrievalDataset, cache_dir: str | Path, key: str | None = None) -> Path:
@@ -148,6 +157,25 @@ class FeatureSpec:
         key = key or self.cache_key(dataset)
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset.name) or "dataset"
         return Path(cache_dir) / f"{name}-{self.backbone}-{key[:16]}.safetensors"
+
+
+def checked_bands(value: Any, what: str) -> tuple[int, ...] | None:
+    """``value`` as a tuple of one or three band numbers >= 1 (None stays None); a one-line ConfigError otherwise.
+
+    Whether the bands exist is known only per file, when it is read (an error naming the file).
+    """
+    if value is None:
+        return None
+    items = [value] if isinstance(value, (str, bytes)) else value
+    try:
+        bands = tuple(items)
+    except TypeError:
+        bands = ()
+    if len(bands) not in (1, 3) or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 1
+                                           for b in bands):
+        raise ConfigError(f"{what} must be three 1-based band numbers for R, G, B (e.g. [4, 3, 2]) or one for gray, "
+                          f"got {value!r}")
+    return tuple(int(b) for b in bands)
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}

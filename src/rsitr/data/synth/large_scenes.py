@@ -332,6 +332,32 @@ def make_large_scene(seed: int, scene: int, size_range: tuple[int, int], block_r
     return LargeScene(f"scene_{scene:05d}.png", width, height, cover, blocks), canvas
 
 
+def compose_large_scene(seed: int, width: int, height: int, plans: Sequence[tuple[str, int, int, int]],
+                        cover: str = "grass", captions_per_block: int = 1, background_tile: int = 512,
+                        scene: int = 0) -> tuple[LargeScene, np.ndarray]:
+    """A scene whose blocks are given: ``(scene_type, x, y, side)`` each, drawn as :func:`make_large_scene` draws.
+
+    For tests and figures that need a known layout. Blocks must lie inside the canvas and not overlap.
+
+    Raises:
+        ConfigError: an unknown scene type or land cover, a block outside the canvas, or two blocks overlapping.
+    """
+    if cover not in CANVAS_COVERS:
+        raise ConfigError(f"canvas land cover must be one of {', '.join(CANVAS_COVERS)}, got {cover!r}")
+    boxes: list[tuple[int, int, int, int]] = []
+    for scene_type, x, y, side in plans:
+        box = (x, y, x + side, y + side)
+        if scene_type not in SCENE_TYPES:
+            raise ConfigError(f"unknown scene type {scene_type!r}; known: {', '.join(SCENE_TYPES)}")
+        if x < 0 or y < 0 or box[2] > width or box[3] > height or _overlaps(box, boxes, 0):
+            raise ConfigError(f"block {scene_type} at {box} lies outside the {width} × {height} canvas or overlaps another")
+        boxes.append(box)
+    canvas = render_background(seed, scene, cover, width, height, background_tile)
+    blocks = [_make_block(seed, scene, b, tuple(plan), canvas, cover, captions_per_block)  # type: ignore[arg-type]
+              for b, plan in enumerate(plans)]
+    return LargeScene(f"scene_{scene:05d}.png", width, height, cover, blocks), canvas
+
+
 # -- files -----------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,11 @@
-"""Opening a user's image file and reading pixel windows of it as 8-bit RGB, never the whole of a large raster.
+"""Opening an image file and reading pixel windows of it as 8-bit RGB, never the whole of a large raster.
 
 :func:`open_image` returns an :class:`ImageSource` (a context manager) whose :meth:`~ImageSource.read`
-gives one :class:`~rsitr_serve.tiling.TileWindow` as a (height, width, 3) uint8 array at source
-resolution. Two back ends, chosen by the file suffix (case-insensitive):
+gives one :class:`TileWindow` as a (height, width, 3) uint8 array at source resolution. The serving
+application reads a user's imagery through it (index, search, localisation), and dataset images
+that PIL cannot read as RGB (multispectral and 16-bit TIFFs, :func:`needs_raster_reader`, or any
+TIFF given ``bands``) come through it too (:func:`rsitr.data.images.read_image`), so a model sees
+the same pixels in training and in serving. Two back ends, chosen by the file suffix (case-insensitive):
 
 * **GeoTIFF and plain TIFF** (``RASTER_SUFFIXES``) go through rasterio (GDAL), window by window:
   each read asks GDAL for that window only, so memory per read is bounded by the window, whatever
@@ -77,11 +80,9 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from rsitr.data.images import to_rgb
+from rsitr.data.images import RASTER_SUFFIXES, to_rgb
 from rsitr.errors import ConfigError, ImageReadError
-from rsitr_serve.tiling import TileWindow
 
-RASTER_SUFFIXES = (".tif", ".tiff")
 PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 SUPPORTED_SUFFIXES = RASTER_SUFFIXES + PICTURE_SUFFIXES
 
@@ -90,6 +91,27 @@ STRETCH_SAMPLE_SIDE = 1024
 STRETCH_PERCENTILES = (2.0, 98.0)
 
 Bounds = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True, order=True)
+class TileWindow:
+    """A pixel window (x, y, width, height) of a source image, cut at size multiplier ``scale``.
+
+    ``scale`` is the size multiplier of the tiling that cut it (the serving application's tiles);
+    a window read whole, not cut by a tiler, has scale 1.0. Windows compare field by field
+    (scale, x, y, width, height).
+    """
+
+    scale: float
+    x: int
+    y: int
+    width: int
+    height: int
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """The window as (x, y, width, height), without its scale: what identifies its pixels."""
+        return (self.x, self.y, self.width, self.height)
 #: Per output channel, the (low, high) source values mapped to 0 and 255.
 Stretch = tuple[tuple[float, float], ...]
 
@@ -190,6 +212,29 @@ def probe_image(path: str | Path, bands: Sequence[int] | None = None) -> RasterI
     return RasterInfo(path=path, width=width, height=height, band_count=_COLOUR_BANDS.get(mode, 2 if mode == "LA" else 1),
                       dtype=_picture_dtype(mode), bands=(1, 1, 1) if gray else (1, 2, 3), crs=None, transform=None,
                       stretch=None)
+
+
+def needs_raster_reader(path: str | Path) -> bool:
+    """Whether a TIFF must be read here to become RGB as :func:`open_image` makes it by default.
+
+    True for samples other than uint8 (16-bit, float) and for more than three bands that are not
+    alpha (a multispectral layout): PIL refuses most such files as undecodable, and would read the
+    others without the per-file stretch or band choice. Only the header is read. False for
+    pictures, for 8-bit gray, palette, RGB and RGBA TIFFs (which PIL reads as before), and for a
+    file GDAL cannot open, so that PIL's error names it as it always has.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in RASTER_SUFFIXES:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                dtypes, colorinterp = list(ds.dtypes), list(ds.colorinterp)
+    except RasterioError:
+        return False
+    colour_bands = [c for c in colorinterp if c != ColorInterp.alpha]
+    return any(dtype != "uint8" for dtype in dtypes) or len(colour_bands) > 3
 
 
 def _checked_stretch(path: Path, stretch: Sequence[tuple[float, float]] | None) -> Stretch | None:
