@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -233,3 +234,228 @@ def test_two_process_runs_match_one_process_write_once_resume_and_share_the_feat
         got = torch.load(tmp_path / run / "resume.pt", weights_only=True)["model"]
         for key in want:
             assert torch.allclose(got[key], want[key], rtol=RTOL, atol=ATOL), (run, key)
+
+
+# ------------------------------------------------------------------------------- scene-classification pretraining
+
+
+def _pretrain_config(**changes):
+    """ResNet-18 at 32 px, SGD with Nesterov momentum, every batch CutMixed, colour jitter with hue.
+
+    Batches of 11 share out as 6 + 5 (the loss weight of a share is not 1), BatchNorm recalibration
+    chunks of 8 + 3 as 4 + 4 and 2 + 1.
+    """
+    from rsitr_train.augment import AugmentConfig
+    from rsitr_train.pretrain import PretrainConfig
+
+    values = dict(backbone="resnet18", image_size=64, epochs=4, batch_size=11, lr=0.005, warmup_epochs=0.0, cutmix=1.0,
+                  label_smoothing=0.1, precision="fp32", augment=AugmentConfig(hue=0.05), seed=0, threads=1,
+                  bn_images=11, eval_batch_size=8)
+    values.update(changes)
+    return PretrainConfig(**values)
+
+
+def _pretrain_split():
+    """Eleven random 40 px images of three classes, as pretraining keeps them decoded."""
+    from rsitr_train.pretrain import _Split
+
+    g = torch.Generator().manual_seed(5)
+    return _Split(torch.randint(0, 256, (11, 3, 72, 72), dtype=torch.uint8, generator=g), torch.arange(11) % 3)
+
+
+def pretrain_steps(world: World, global_batchnorm: bool = True) -> dict[str, Any]:
+    """Four pretraining steps (one per epoch: 11 images in batches of 11), then a BatchNorm recalibration.
+
+    Returns the initial weights, the gradients of the first step, the loss of every step and the
+    final weights. ``global_batchnorm=False``: DDP over plain BatchNorm (per-process statistics),
+    not recalibrated (a share of one image on a 1 x 1 map has no statistics).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    from rsitr_train.pretrain import build_classifier, build_optimizer, data_parallel, recalibrate_batchnorm, train_epoch
+
+    config, split = _pretrain_config(), _pretrain_split()
+    model = build_classifier(config, 3)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer(model, config)
+    if global_batchnorm:
+        model, stepped = data_parallel(model, torch.device("cpu"), world)
+    else:
+        stepped = DistributedDataParallel(model) if world.distributed else model
+    losses, gradients = [], {}
+    for epoch in range(config.epochs):
+        losses.append(train_epoch(stepped, optimizer, split, config, epoch, 1, progress=False, world=world)["train_loss"])
+        if epoch == 0:
+            gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    if global_batchnorm:
+        recalibrate_batchnorm(model, split, config, config.epochs - 1, world)
+    return {"initial": initial, "gradients": gradients, "losses": losses,
+            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def _pretrain_steps_worker(rank: int, size: int, port: int, out: str) -> None:
+    _join(rank, size, port)
+    from rsitr.distributed import world
+
+    try:
+        results = {"global": pretrain_steps(world()), "per_process": pretrain_steps(world(), global_batchnorm=False)}
+        torch.save(results, Path(out) / f"pretrain{rank}.pt")
+    finally:
+        _leave()
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> float:
+    """Largest difference of ``got`` and ``want`` as a share of the largest magnitude of ``scale``."""
+    return float((got.double() - want.double()).abs().max() / scale.double().abs().max().clamp(min=1e-30))
+
+
+#: Tolerances of pretraining, measured, not guessed. BatchNorm after every convolution makes the
+#: network sensitive to float32 rounding (each process sums its share, the sums are added over
+#: the processes; DDP averages gradients summed in another order), and Nesterov momentum carries
+#: that on. Two processes against one: the first step's gradients agree to 1e-5 of each tensor's
+#: scale, the losses to 4e-6, and after four steps the weight changes to 5 % (median 1 %) of each
+#: tensor's change, the recalibrated BatchNorm statistics to 0.4 % of their scale. One process
+#: with two threads instead of one (only the order of the sums changes) differs from itself by as
+#: much: gradients 1.2e-5, the fourth loss 2.2e-4, weight changes 5 % (median 1.5 %), statistics
+#: 0.7 %. The bounds leave room above both. A defect is far beyond them: per-process BatchNorm
+#: statistics move the losses by 4 % and the weight changes by 100 % (median); a wrong loss weight
+#: of a share (12/11 or 10/11 instead of 1 for shares of 6 and 5) moves the first gradients by 10 %
+#: of their scale.
+PRETRAIN_GRADIENT, PRETRAIN_LOSS_RTOL, PRETRAIN_STEP, PRETRAIN_STATISTICS = 1e-3, 1e-3, (0.25, 0.1), 0.05
+
+
+def _weight_changes(got: dict[str, Any], want: dict[str, Any]) -> tuple[list[float], float]:
+    """Per weight tensor, the difference of the final weights as a share of the reference's change from
+    the initial weights; and the largest difference of running statistics as a share of their scale."""
+    changes, statistics = [], 0.0
+    for key, value in want["weights"].items():
+        if "running" in key:
+            statistics = max(statistics, _relative(got["weights"][key], value, value))
+        elif value.is_floating_point():
+            changes.append(_relative(got["weights"][key], value, value - want["initial"][key]))
+    return changes, statistics
+
+
+def test_two_gloo_processes_pretrain_like_one_process_with_the_global_batch(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers run (the tolerances cover other counts too)
+    try:
+        single = pretrain_steps(World())
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_pretrain_steps_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"pretrain{r}.pt", weights_only=True) for r in range(2)]
+    assert len(set(single["losses"])) == len(single["losses"])  # the steps move the model
+    for rank in ranks:
+        got = rank["global"]
+        assert got["weights"].keys() == single["weights"].keys()  # the global BatchNorm keeps torchvision's keys
+        for name, gradient in single["gradients"].items():
+            assert _relative(got["gradients"][name], gradient, gradient) < PRETRAIN_GRADIENT, name
+        assert got["losses"] == pytest.approx(single["losses"], rel=PRETRAIN_LOSS_RTOL)
+        assert all(torch.equal(got["weights"][k], v) for k, v in single["weights"].items() if not v.is_floating_point())
+        changes, statistics = _weight_changes(got, single)
+        assert max(changes) < PRETRAIN_STEP[0] and float(torch.tensor(changes).median()) < PRETRAIN_STEP[1]
+        assert statistics < PRETRAIN_STATISTICS
+    for key in single["weights"]:  # the processes hold one model, running statistics included
+        assert torch.equal(ranks[0]["global"]["weights"][key], ranks[1]["global"]["weights"][key]), key
+    # the comparison can fail: BatchNorm over each process's share alone trains another model
+    per_process = ranks[0]["per_process"]
+    assert per_process["losses"][0] != pytest.approx(single["losses"][0], rel=10 * PRETRAIN_LOSS_RTOL)  # 3.6 % apart
+    changes, _ = _weight_changes(per_process, single)
+    assert float(torch.tensor(changes).median()) > 5 * PRETRAIN_STEP[1]
+
+
+def test_augmenting_rows_of_a_batch_equals_those_rows_of_the_whole_batch_and_keeps_the_generator_in_step():
+    from rsitr_train.augment import AugmentConfig, augment_batch
+
+    config = AugmentConfig(hue=0.1)
+    images = torch.randint(0, 256, (7, 3, 20, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    whole_rng, part_rng = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    whole = augment_batch(images, config, 16, whole_rng)
+    rows = torch.tensor([1, 4, 5])
+    part = augment_batch(images[rows], config, 16, part_rng, rows=rows, batch_size=7)
+    assert torch.allclose(part, whole[rows], atol=1e-6)
+    assert not torch.allclose(part, augment_batch(images[rows], config, 16, torch.Generator().manual_seed(4)), atol=1e-3)
+    assert torch.equal(torch.rand(3, generator=whole_rng), torch.rand(3, generator=part_rng))
+
+
+def _pretrain_data(root: Path):
+    """Three colour classes, eight noisy 40 px PNGs each; 18 training and 6 validation images."""
+    import numpy as np
+    from PIL import Image
+
+    from rsitr.data.imagefolder import load_imagefolder
+
+    if not root.exists():
+        rng = np.random.default_rng(0)
+        for name, rgb in {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 60, 200)}.items():
+            (root / name).mkdir(parents=True)
+            for i in range(8):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return load_imagefolder(root, val_fraction=0.25, seed=0)
+
+
+#: Whole runs: 18 training images in batches of 7 (two steps of shares 4 + 3 per epoch), CutMix on half the batches.
+RUN_CONFIG = dict(epochs=2, batch_size=7, cutmix=0.5, bn_images=18)
+
+
+def _no_writes(*args, **kwargs):
+    raise AssertionError("a process other than rank 0 wrote a run file")
+
+
+def _pretrain_runs_worker(rank: int, size: int, port: int, root: str) -> None:
+    _join(rank, size, port)
+    from rsitr_train import pretrain as module
+
+    if rank != 0:  # rank 0 alone writes: any writer called elsewhere fails the run
+        for name in ("write_json", "save_tensors", "save_resume", "write_history", "remove_interrupted_writes"):
+            setattr(module, name, _no_writes)
+    try:
+        top = Path(root)
+        data = _pretrain_data(top / "images")
+        module.pretrain(_pretrain_config(**RUN_CONFIG), data, top / "ddp", progress=False, device="cpu")
+        module.pretrain(_pretrain_config(**RUN_CONFIG), data, top / "resumed", progress=False, device="cpu")
+    finally:
+        _leave()
+
+
+def _untimed_rows(path: Path) -> list[dict[str, float]]:
+    import csv
+
+    return [{k: float(v) for k, v in row.items() if k not in ("train_seconds", "images_per_s")}
+            for row in csv.DictReader(path.open())]
+
+
+# Slow (about 30-60 s on two cores): three pretraining runs of two epochs (decoding, training, BatchNorm
+# recalibration, validation, checkpoints): one process, an interrupted one, and two spawned gloo processes.
+@pytest.mark.slow
+def test_two_process_pretraining_matches_one_process_writes_once_and_resumes(tmp_path):
+    from helpers import log_lines
+    from rsitr_train.pretrain import pretrain
+
+    data = _pretrain_data(tmp_path / "images")
+    pretrain(_pretrain_config(**RUN_CONFIG), data, tmp_path / "single", progress=False, device="cpu")
+
+    def stop_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), log_lines(stop_after_first_epoch):
+        pretrain(_pretrain_config(**RUN_CONFIG), data, tmp_path / "resumed", progress=False, device="cpu")
+
+    mp.spawn(_pretrain_runs_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+
+    names = sorted(p.name for p in (tmp_path / "single").iterdir())
+    want = torch.load(tmp_path / "single" / "resume.pt", weights_only=True)["model"]
+    expected_rows = _untimed_rows(tmp_path / "single" / "metrics.csv")
+    for run in ("ddp", "resumed"):
+        assert sorted(p.name for p in (tmp_path / run).iterdir()) == names  # no leftovers of a second writer
+        rows = _untimed_rows(tmp_path / run / "metrics.csv")
+        assert [row.keys() for row in rows] == [row.keys() for row in expected_rows]
+        for got, row in zip(rows, expected_rows):
+            for key, value in row.items():  # validation through a rounded argmax: looser
+                assert got[key] == pytest.approx(value, rel=RTOL, abs=1e-3 if key.startswith("val_") else ATOL), (run, key)
+        got_weights = torch.load(tmp_path / run / "resume.pt", weights_only=True)["model"]
+        for key, value in want.items():
+            assert torch.allclose(got_weights[key].float(), value.float(), rtol=RTOL, atol=ATOL), (run, key)

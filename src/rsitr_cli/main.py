@@ -29,6 +29,14 @@ def _add_device_argument(parser: argparse.ArgumentParser) -> None:
                                          "under torchrun, cuda means one GPU per process, cuda:LOCAL_RANK)")
 
 
+def _add_window_arguments(parser: argparse.ArgumentParser) -> None:
+    """The SeLo window options of ``localize`` and ``localize-eval``."""
+    parser.add_argument("--scales", help="window sides in px, comma-separated (default 128,256,512)")
+    parser.add_argument("--blur", type=int, default=251, help="median-blur kernel in px (default 251, SeLo's; 1: none)")
+    parser.add_argument("--batch-size", type=int, default=64, help="windows encoded at once (default 64)")
+    _add_device_argument(parser)
+
+
 def _add_train_arguments(parser: argparse.ArgumentParser, experiment: bool = False) -> None:
     """The run-config options of ``train``; of ``benchmark`` and ``ablate`` too with ``experiment``.
 
@@ -779,13 +787,11 @@ def build_parser() -> argparse.ArgumentParser:
     localize.add_argument("model_dir", help="model bundle (rsitr export) or run directory")
     localize.add_argument("image", help="GeoTIFF, TIFF, JPEG, PNG or WebP")
     localize.add_argument("sentences", nargs="+", help="one or more sentences (one heat map each)")
-    localize.add_argument("--scales", help="window sides in px, comma-separated (default 128,256,512)")
-    localize.add_argument("--blur", type=int, default=251, help="median-blur kernel in px (default 251, SeLo's; 1: none)")
-    localize.add_argument("--bands", help="1-based source bands for R,G,B of a multi-band raster, e.g. 4,3,2")
-    localize.add_argument("--batch-size", type=int, default=64, help="windows encoded at once (default 64)")
+    _add_window_arguments(localize)
+    localize.add_argument("--bands", help="1-based source bands for R,G,B of a multi-band raster, e.g. 4,3,2 "
+                                          "(default: the model's, else the file's RGB)")
     localize.add_argument("--no-overlay", action="store_true", help="skip the colour overlay JPEG")
     localize.add_argument("--out", default="localization", help="output folder (default ./localization)")
-    _add_device_argument(localize)
     localize.set_defaults(func=cmd_localize)
 
     loc_eval = sub.add_parser("localize-eval", parents=[quiet],
@@ -793,12 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
     loc_eval.add_argument("model_dir", help="model bundle (rsitr export) or run directory")
     loc_eval.add_argument("anno_json", help="annotations: a list of {caption, jpg_name, points}")
     loc_eval.add_argument("image_dir", help="folder holding the annotated images")
-    loc_eval.add_argument("--scales", help="window sides in px, comma-separated (default 128,256,512)")
-    loc_eval.add_argument("--blur", type=int, default=251, help="median-blur kernel in px (default 251)")
-    loc_eval.add_argument("--batch-size", type=int, default=64, help="windows encoded at once (default 64)")
+    _add_window_arguments(loc_eval)
     loc_eval.add_argument("--maps", help="also write each sample's heat map PNG into this folder")
     loc_eval.add_argument("--json", help="write per-sample and averaged metrics as JSON")
-    _add_device_argument(loc_eval)
     loc_eval.set_defaults(func=cmd_localize_eval)
 
     serve = sub.add_parser("serve", parents=[quiet], help="a search service and web page over an index")

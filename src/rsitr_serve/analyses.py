@@ -75,6 +75,7 @@ from rsitr.data import load_dataset
 from rsitr.data.dataset import RetrievalDataset
 from rsitr.data.images import to_rgb
 from rsitr.data.splits import apply_assignment
+from rsitr.devices import to_device
 from rsitr.errors import ConfigError, DatasetError
 from rsitr.evaluation import RECALL_KS, i2t_ranks, recall_metrics, t2i_ranks
 from rsitr.features.detections import Detections, lookup, read_detections
@@ -477,8 +478,8 @@ def positive_pair_embeddings(bundle: RetrievalBundle, data: SplitScores, progres
     parts: list[dict[str, torch.Tensor]] = []
     for start in progress_bar(range(0, len(rows), PAIR_CHUNK), desc="pair embeddings", unit="chunk", enabled=progress):
         chunk = slice(start, start + PAIR_CHUNK)
-        images = _float(take_rows(data.images, rows[chunk].to(_device(data.images))))
-        texts = _float(take_rows(data.texts, slice(start, start + PAIR_CHUNK)))
+        images = to_device(_float(take_rows(data.images, rows[chunk].to(_device(data.images)))), bundle.device)
+        texts = to_device(_float(take_rows(data.texts, slice(start, start + PAIR_CHUNK))), bundle.device)
         parts.append({k: v.float().cpu() for k, v in model.pair_embeddings(images, texts).items()})
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 

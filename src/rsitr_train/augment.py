@@ -121,6 +121,10 @@ class Geometry:
     vflip: Tensor
     quarter: Tensor
 
+    def take(self, rows: Tensor) -> Geometry:
+        """The draws of samples ``rows`` only, in that order."""
+        return Geometry(*(getattr(self, f)[rows] for f in ("width", "height", "cx", "cy", "hflip", "vflip", "quarter")))
+
 
 def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> Tensor:
     return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
@@ -224,32 +228,49 @@ def _hue_matrices(turns: Tensor) -> Tensor:
     return (torch.linalg.inv(to_yiq) @ rotation @ to_yiq).float()
 
 
-def color_jitter(images: Tensor, config: AugmentConfig, generator: torch.Generator) -> Tensor:
+def _drawn_size(images: Tensor, rows: Tensor | None, batch_size: int | None) -> int:
+    """How many samples to draw for: the batch ``images`` belongs to (``batch_size`` when ``rows`` picks part of it)."""
+    if rows is None:
+        return images.shape[0]
+    if batch_size is None or len(rows) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images as rows {len(rows)} of a batch of {batch_size}")
+    return batch_size
+
+
+def _pick(values: Tensor, rows: Tensor | None) -> Tensor:
+    return values if rows is None else values[rows]
+
+
+def color_jitter(images: Tensor, config: AugmentConfig, generator: torch.Generator, rows: Tensor | None = None,
+                 batch_size: int | None = None) -> Tensor:
     """Brightness, contrast, saturation, then hue jitter of a float (B, 3, H, W) batch in [0, 1].
 
     Each factor is drawn per sample. Values are clamped to [0, 1] once, at the end, and a
     transform whose strength is 0 is skipped, so a configuration without jitter returns the
-    input unchanged.
+    input unchanged. ``rows`` / ``batch_size``: ``images`` are these rows of a batch of
+    ``batch_size``; the factors are drawn for the whole batch and these rows' are applied
+    (see :func:`augment_batch`).
     """
-    n = images.shape[0]
+    n = _drawn_size(images, rows, batch_size)
     out = images
     if config.brightness > 0:
-        out = out * _factors(n, config.brightness, generator)
+        out = out * _pick(_factors(n, config.brightness, generator), rows)
     if config.contrast > 0:
         mean = _grey(out).mean(dim=(1, 2, 3), keepdim=True)
-        out = (out - mean) * _factors(n, config.contrast, generator) + mean
+        out = (out - mean) * _pick(_factors(n, config.contrast, generator), rows) + mean
     if config.saturation > 0:
         grey = _grey(out)
-        out = (out - grey) * _factors(n, config.saturation, generator) + grey
+        out = (out - grey) * _pick(_factors(n, config.saturation, generator), rows) + grey
     if config.hue > 0:
-        turns = _uniform(n, -config.hue, config.hue, generator)
+        turns = _pick(_uniform(n, -config.hue, config.hue, generator), rows)
         out = torch.einsum("bij,bjhw->bihw", _hue_matrices(turns), out)
     if out is images:
         return images
     return out.clamp_(0.0, 1.0)
 
 
-def augment_batch(images: Tensor, config: AugmentConfig, size: int, generator: torch.Generator) -> Tensor:
+def augment_batch(images: Tensor, config: AugmentConfig, size: int, generator: torch.Generator,
+                  rows: Tensor | None = None, batch_size: int | None = None) -> Tensor:
     """Training augmentation: random geometry (one warp), then colour jitter.
 
     Args:
@@ -257,12 +278,20 @@ def augment_batch(images: Tensor, config: AugmentConfig, size: int, generator: t
         config: the augmentation parameters.
         size: side of the square output.
         generator: source of all randomness; the same state gives the same batch.
+        rows, batch_size: ``images`` are rows ``rows`` (positions) of a batch of ``batch_size``
+            images. Every draw is made for the whole batch and only these rows' draws are
+            applied, so a sample's augmentation and the generator's state afterwards do not depend
+            on which rows one process augments (data-parallel pretraining: each process
+            augments its share of the global batch, drawing parameters, not pixels, for all of it).
 
     Returns:
-        (B, 3, size, size) float32 in [0, 1], not yet normalised.
+        (len(images), 3, size, size) float32 in [0, 1], not yet normalised.
     """
-    geometry = sample_geometry(images.shape[0], images.shape[-2], images.shape[-1], config, generator)
-    return color_jitter(warp(images, geometry, size), config, generator)
+    n = _drawn_size(images, rows, batch_size)
+    geometry = sample_geometry(n, images.shape[-2], images.shape[-1], config, generator)
+    if rows is not None:
+        geometry = geometry.take(rows)
+    return color_jitter(warp(images, geometry, size), config, generator, rows, batch_size)
 
 
 def eval_transform(images: Tensor, size: int) -> Tensor:

@@ -31,6 +31,31 @@ How it trains, and why:
 * Shuffling and augmentation draw from generators seeded by ``(seed, epoch)``, so an interrupted
   run resumed from ``resume.pt`` repeats exactly the batches the uninterrupted run would have seen.
 
+Data-parallel (``torchrun``, :mod:`rsitr.distributed`): ``batch_size`` stays the global batch and
+N processes train the model one process trains (up to float rounding; ``tests/test_distributed.py``
+checks losses and weights against one process). How each part is made independent of N:
+
+* Every process decodes all images (the memory cost is N times one process's) and draws the same
+  global batch order; it trains on its contiguous share of every global batch (:func:`shard_range`).
+* Augmentation: every process draws the parameters of the whole global batch from the batch's
+  generator and warps only the rows it needs (:func:`rsitr_train.augment.augment_batch` with
+  ``rows``), so each image gets the draw it gets in one process and the generators stay in step.
+* CutMix mixes across the global batch: the donor permutation and the box are drawn for the global
+  batch, and a process augments its share's donor images too (at most twice its share; no
+  pixels travel between processes). A process's mixed images are then the rows of the
+  single-process mixed batch.
+* Loss: each process's cross-entropy is the mean over its share, multiplied by
+  ``share * N / batch``; DDP averages the gradients over the N processes, so the step is the
+  gradient of the mean over the global batch (``sum over processes of share sums / batch``).
+* BatchNorm normalises with the statistics of the global batch. On GPUs that is
+  :class:`torch.nn.SyncBatchNorm`; its forward refuses CPU tensors (torch 2.13: "SyncBatchNorm
+  expected input tensor to be on GPU"), so on the CPU (gloo) :class:`GlobalBatchNorm2d` does the
+  same with differentiable all-reduces of the per-channel sums. The BatchNorm recalibration shares
+  each chunk out the same way, so its statistics are those of the whole chunk.
+* Every process validates (the same model gives the same scores, which keeps the best-epoch
+  decisions in step); rank 0 alone writes the run folder and reads ``resume.pt`` first (it may set
+  a damaged one aside), so a run resumes with any number of processes.
+
 Files written into ``out_dir``::
 
     backbone.safetensors   weights of the epoch with the best validation top-1 (torchvision keys)
@@ -44,9 +69,11 @@ Files written into ``out_dir``::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,8 +86,8 @@ from torch import Tensor, nn
 from rsitr.backbones import Backbone, backbone_info, create_backbone
 from rsitr.data.imagefolder import ClassificationData
 from rsitr.data.images import decode_images, normalize
-from rsitr.devices import module_device, resolve_device
-from rsitr.distributed import env_world
+from rsitr.devices import module_device
+from rsitr.distributed import World, barrier, setup, shard_range
 from rsitr.errors import ConfigError
 from rsitr.io import check_keys, check_writable, save_tensors, write_json
 from rsitr.precision import autocast, check_precision
@@ -293,27 +320,176 @@ def cutmix_box(height: int, width: int, generator: torch.Generator) -> tuple[int
     return top, bottom, left, right
 
 
+Box = tuple[int, int, int, int]
+
+
+def draw_cutmix(batch: int, height: int, width: int, generator: torch.Generator) -> tuple[Tensor, Box]:
+    """The CutMix draw of a batch: every image's donor (a permutation of the batch) and the one box."""
+    donor = torch.randperm(batch, generator=generator)
+    return donor, cutmix_box(height, width, generator)
+
+
+def paste_box(images: Tensor, donors: Tensor, box: Box) -> tuple[Tensor, float]:
+    """``images`` with ``box`` of ``donors`` (row for row) pasted in, and the share of each image still its own."""
+    height, width = images.shape[-2:]
+    top, bottom, left, right = box
+    mixed = images.clone()
+    mixed[..., top:bottom, left:right] = donors[..., top:bottom, left:right]
+    return mixed, 1.0 - (bottom - top) * (right - left) / (height * width)
+
+
 def cutmix_batch(images: Tensor, labels: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, float]:
     """CutMix one batch: paste one box of a shuffled copy of the batch into every image.
 
     Returns the mixed images, the labels of the pasted images, and the share of each image that
     is still its own (the weight of its own label in the loss).
     """
-    height, width = images.shape[-2:]
-    donor = torch.randperm(len(labels), generator=generator)
-    top, bottom, left, right = cutmix_box(height, width, generator)
-    mixed = images.clone()
-    mixed[..., top:bottom, left:right] = images[donor][..., top:bottom, left:right]
-    own_share = 1.0 - (bottom - top) * (right - left) / (height * width)
+    donor, box = draw_cutmix(len(labels), images.shape[-2], images.shape[-1], generator)
+    mixed, own_share = paste_box(images, images[donor], box)
     return mixed, labels[donor], own_share
 
 
+# ----------------------------------------------------------------------------------------- several processes
+
+
+def _all_reduce_with_grad(tensor: Tensor) -> Tensor:
+    """The sum of ``tensor`` over the processes; its backward sums the gradients over them too."""
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():  # deprecated in favour of a private API, as for the gather in rsitr.distributed
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(tensor)
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that, in training mode in a distributed run, uses the statistics of the global batch.
+
+    The CPU stand-in for :class:`torch.nn.SyncBatchNorm` (whose forward refuses CPU tensors). The
+    per-channel count and sum are summed over the processes, giving the global mean; then the
+    sum of squared deviations from it, giving the global (biased) variance, as
+    :func:`torch.nn.functional.batch_norm` computes it in one process (two passes rather than
+    E[x^2] - E[x]^2, which loses digits). Both sums go through a differentiable all-reduce,
+    whose backward sums the gradients over the processes, so the input gradient is that of the
+    global batch norm. The running statistics move as BatchNorm's do (unbiased variance,
+    ``momentum`` or the cumulative average when it is None). Statistics are computed in float32
+    under autocast; the output has the input's dtype. Outside training, or in one process, it
+    is BatchNorm2d.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        from rsitr.distributed import world
+
+        if not (self.training and world().distributed):
+            return super().forward(input)
+        x = input.float()
+        dims = (0, 2, 3)
+        count = torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype, device=x.device)
+        sums = _all_reduce_with_grad(torch.cat([x.sum(dims), count]))
+        total = sums[-1]
+        mean = sums[:-1] / total
+        centred = x - mean.view(1, -1, 1, 1)
+        var = _all_reduce_with_grad((centred * centred).sum(dims)) / total
+        out = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            self._update_running_stats(mean.detach(), var.detach() * total / (total - 1).clamp(min=1))
+        return out.to(input.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: Tensor, unbiased_var: Tensor) -> None:
+        assert self.num_batches_tracked is not None and self.running_mean is not None and self.running_var is not None
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased_var, alpha=factor)
+
+
+def _global_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` with every BatchNorm2d computing global-batch statistics (in place; same parameters and buffers).
+
+    GPUs: :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`. CPU: :class:`GlobalBatchNorm2d`,
+    which keeps the class of a plain BatchNorm2d's state dict, so checkpoints are unchanged.
+    """
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                twin = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                         child.track_running_stats)
+                twin.weight, twin.bias = child.weight, child.bias  # the same Parameters: the optimiser's
+                twin.running_mean, twin.running_var = child.running_mean, child.running_var
+                twin.num_batches_tracked = child.num_batches_tracked
+                twin.train(child.training)
+                setattr(parent, name, twin)
+    return model
+
+
+def data_parallel(model: nn.Module, device: torch.device, world: World) -> tuple[nn.Module, nn.Module]:
+    """``model`` and what the training steps call: itself in one process; in a distributed run
+    ``model`` with global-batch BatchNorm (:func:`_global_batchnorm`) and, for the steps, that model
+    in DistributedDataParallel (which averages the gradients over the processes)."""
+    if not world.distributed:
+        return model, model
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _global_batchnorm(model, device)
+    return model, DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _share(n: int, world: World) -> Tensor:
+    """Positions of this process's contiguous share of a global batch of ``n``."""
+    rows = shard_range(n, world.rank, world.size)
+    return torch.arange(rows.start, rows.stop)
+
+
+def _sum_over_processes(values: list[float], world: World, device: torch.device) -> list[float]:
+    """``values`` summed over the processes (float64; themselves in one process)."""
+    if not world.distributed:
+        return values
+    import torch.distributed as dist
+
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def _augmented_share(data: _Split, batch: Tensor, config: PretrainConfig, world: World, augment_rng: torch.Generator,
+                     cutmix_rng: torch.Generator) -> tuple[Tensor, Tensor, Tensor, float]:
+    """This process's rows of the augmented (and maybe CutMixed) global batch ``batch``.
+
+    Returns the images, their labels, the labels of their pasted boxes and the share of each
+    image that is its own (1.0 without CutMix). The draws are made for the global batch
+    (:func:`augment_batch` with ``rows``), so the rows equal those of the one-process batch.
+    """
+    size = len(batch)
+    rows = _share(size, world)
+    labels = data.labels[batch]
+    mix = None
+    if config.cutmix > 0 and float(torch.rand((), generator=cutmix_rng)) < config.cutmix:
+        mix = draw_cutmix(size, config.image_size, config.image_size, cutmix_rng)
+    needed = rows if mix is None else torch.unique(torch.cat([rows, mix[0][rows]]))  # sorted: the share and its donors
+    images = augment_batch(data.images[batch[needed]], config.augment, config.image_size, augment_rng,
+                           rows=needed, batch_size=size)
+    if mix is None:
+        return images, labels[rows], labels[rows], 1.0
+    donor, box = mix
+    own = images[torch.searchsorted(needed, rows)]
+    mixed, own_share = paste_box(own, images[torch.searchsorted(needed, donor[rows])], box)
+    return mixed, labels[rows], labels[donor[rows]], own_share
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Split, config: PretrainConfig,
-                epoch: int, steps_per_epoch: int, progress: bool = True) -> dict[str, float]:
+                epoch: int, steps_per_epoch: int, progress: bool = True, world: World | None = None) -> dict[str, float]:
     """One epoch of augmented SGD steps; returns mean loss, top-1 accuracy, seconds and images/s.
 
     In a CutMixed batch the accuracy counts a prediction of the image's own label as correct.
+    ``world``: in a distributed run ``model`` is the DistributedDataParallel module and this process
+    trains on its share of every global batch (see the module docstring); the returned loss,
+    accuracy and images/s are those of the global batches, the same on every process.
     """
+    world = world or World()
     model.train()
     device = module_device(model)
     total_steps = steps_per_epoch * config.epochs
@@ -327,11 +503,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Split
         lr = learning_rate(epoch * steps_per_epoch + i, total_steps, warmup_steps, config.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images = augment_batch(data.images[batch], config.augment, config.image_size, augment_rng)
-        targets = data.labels[batch]
-        donor_targets, own_share = targets, 1.0
-        if config.cutmix > 0 and float(torch.rand((), generator=cutmix_rng)) < config.cutmix:
-            images, donor_targets, own_share = cutmix_batch(images, targets, cutmix_rng)
+        images, targets, donor_targets, own_share = _augmented_share(data, batch, config, world, augment_rng, cutmix_rng)
         targets, donor_targets = targets.to(device), donor_targets.to(device)
         with autocast(config.precision, device):
             logits = model(_normalise(images, config).to(device))
@@ -339,33 +511,43 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Split
         if own_share < 1.0:
             loss = loss + (1.0 - own_share) * F.cross_entropy(logits.float(), donor_targets,
                                                               label_smoothing=config.label_smoothing)
+        # DDP averages over the processes: share mean * share * N / batch makes that the global batch's mean
+        weight = len(targets) * world.size / len(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if weight == 1.0 else loss * weight).backward()
         optimizer.step()
-        loss_sum += float(loss.detach()) * len(batch)
+        loss_sum += float(loss.detach()) * len(targets)
         correct += int((logits.detach().argmax(dim=1) == targets).sum())
-        seen += len(batch)
+        seen += len(targets)
+    loss_sum, correct_sum, seen_sum = _sum_over_processes([loss_sum, correct, seen], world, device)
     seconds = time.perf_counter() - started
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "train_seconds": seconds,
-            "images_per_s": seen / seconds, "lr": lr}
+    return {"train_loss": loss_sum / seen_sum, "train_acc": correct_sum / seen_sum, "train_seconds": seconds,
+            "images_per_s": seen_sum / seconds, "lr": lr}
 
 
-def _eval_chunks(indices: Tensor, batch_size: int) -> list[Tensor]:
-    """``indices`` in batches; a last batch of one image joins the previous (BatchNorm needs two in train mode)."""
+def _eval_chunks(indices: Tensor, batch_size: int, minimum: int = 2) -> list[Tensor]:
+    """``indices`` in batches; a last batch under ``minimum`` images joins the previous.
+
+    BatchNorm needs two images in train mode; in a distributed run every process needs one.
+    """
     chunks = list(indices.split(batch_size))
-    if len(chunks) > 1 and len(chunks[-1]) == 1:
+    if len(chunks) > 1 and len(chunks[-1]) < minimum:
         chunks[-2:] = [torch.cat(chunks[-2:])]
     return chunks
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, data: _Split, config: PretrainConfig, epoch: int) -> None:
+def recalibrate_batchnorm(model: nn.Module, data: _Split, config: PretrainConfig, epoch: int,
+                          world: World | None = None) -> None:
     """Recompute every BatchNorm's running mean and variance as exact averages over training images.
 
     Up to ``config.bn_images`` training images (a seeded draw per epoch), seen through the eval
     transform, are run in train mode with ``momentum=None`` (a cumulative average) after the
     statistics are reset. Weights are untouched; only the buffers used in eval mode change.
+    In a distributed run each process runs its share of every chunk through the global-batch
+    BatchNorm (:func:`_global_batchnorm`), which gives every process the chunk's statistics.
     """
+    world = world or World()
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or config.bn_images == 0:
         return
@@ -377,8 +559,8 @@ def recalibrate_batchnorm(model: nn.Module, data: _Split, config: PretrainConfig
     device = module_device(model)
     chosen = torch.randperm(len(data.labels), generator=_generator(config.seed, epoch, 2))[:config.bn_images]
     try:
-        for chunk in _eval_chunks(chosen, config.eval_batch_size or 2 * config.batch_size):
-            images = eval_transform(data.images[chunk], config.image_size)
+        for chunk in _eval_chunks(chosen, config.eval_batch_size or 2 * config.batch_size, max(2, world.size)):
+            images = eval_transform(data.images[chunk[_share(len(chunk), world)]], config.image_size)
             with autocast(config.precision, device):
                 model(_normalise(images, config).to(device))
     finally:
@@ -506,41 +688,59 @@ def pretrain(config: PretrainConfig, data: ClassificationData, out_dir: str | Pa
         counts, mean training images/s and seconds per epoch, and the checkpoint path.
 
     ``device``: where to train (:func:`rsitr.devices.resolve_device`; None = the best available);
-    decoded images stay on the CPU and move batch by batch. Pretraining does not run
-    data-parallel: under ``torchrun`` with several processes it stops with a ConfigError (its
-    BatchNorm statistics and augmentation draws would need their own synchronisation).
+    decoded images stay on the CPU and move batch by batch. Under ``torchrun`` every process calls
+    this with the same arguments and the run is data-parallel (see the module docstring); rank 0
+    alone writes ``out_dir``.
 
     Raises:
-        ConfigError: invalid configuration, fewer than two classes, or an ``out_dir`` holding
-            another run.
+        ConfigError: invalid configuration, fewer than two classes, an ``out_dir`` holding
+            another run, or (distributed) a global batch smaller than the number of processes.
         DatasetError: an image cannot be read (naming the file).
     """
     config.validate()
     _check_data(data)
-    if env_world().distributed:
-        raise ConfigError("rsitr pretrain runs in one process: start it without torchrun (or with --nproc-per-node 1)")
-    where = resolve_device(device)
+    world, where = setup(device)
+    smallest = min(config.batch_size, len(data.train_paths))
+    if smallest < world.size:
+        raise ConfigError(f"pretrain batches of {smallest} images cannot be shared by {world.size} processes: "
+                          "use a larger batch_size or fewer processes")
     out_dir = Path(out_dir)
-    with cleaned_on_failure(out_dir, keep=RESUME):
-        return _pretrain(config, data, check_writable(out_dir), progress, where)
+    guard = cleaned_on_failure(out_dir, keep=RESUME) if world.main else contextlib.nullcontext()
+    with guard:
+        return _pretrain(config, data, check_writable(out_dir), progress and world.main, where, world)
+
+
+def _read_resume(resume_path: Path, config: PretrainConfig, data: ClassificationData, world: World) -> dict[str, Any] | None:
+    """The resume payload (None for a fresh start); rank 0 reads it first, since it alone may set a damaged file aside."""
+    payload = None
+    for turn in (True, False):
+        if world.main == turn and resume_path.exists():
+            payload = _load_resume(resume_path, config, data)
+        if turn:
+            barrier()
+    return payload
 
 
 def _pretrain(config: PretrainConfig, data: ClassificationData, out_dir: Path, progress: bool,
-              device: torch.device | None = None) -> dict[str, Any]:
+              device: torch.device | None = None, world: World | None = None) -> dict[str, Any]:
+    world = world or World()
     if config.threads:
         torch.set_num_threads(config.threads)
     resume_path = out_dir / RESUME
-    remove_interrupted_writes(out_dir)
-    payload = _load_resume(resume_path, config, data) if resume_path.exists() else None
-    write_json(out_dir / CONFIG_FILE, {"config": config.to_dict(), "data": data.source, "classes": list(data.classes),
-                                       "num_train": len(data.train_paths), "num_val": len(data.val_paths)})
+    if world.main:
+        remove_interrupted_writes(out_dir)
+    payload = _read_resume(resume_path, config, data, world)
+    if world.main:
+        write_json(out_dir / CONFIG_FILE, {"config": config.to_dict(), "data": data.source, "classes": list(data.classes),
+                                           "num_train": len(data.train_paths), "num_val": len(data.val_paths)})
     if payload is not None and int(payload["epoch"]) + 1 >= config.epochs:
         logger.info(f"{out_dir}: all {config.epochs} epochs are done already")
         return _summary(json.loads(payload["history_json"]), data, out_dir)
     logger.info(f"pretraining {config.backbone} on {data.summary()}; {data.source}")
     train, val = _decode_splits(config, data, progress)
 
-    model = build_classifier(config, data.num_classes).to(device or torch.device("cpu"))
+    device = device or torch.device("cpu")
+    model: nn.Module = build_classifier(config, data.num_classes).to(device)
     optimizer = build_optimizer(model, config)
     state, step = LoopState(), 0
     if payload is not None:
@@ -548,15 +748,16 @@ def _pretrain(config: PretrainConfig, data: ClassificationData, out_dir: Path, p
         optimizer.load_state_dict(payload["optimizer"])
         state, step = resumed_state(payload, best_key="best_val_acc"), int(payload["step"])
         logger.info(f"resuming {out_dir} at epoch {state.start_epoch + 1}/{config.epochs}")
+    model, stepped = data_parallel(model, device, world)
 
     steps_per_epoch = len(epoch_batches(len(train.labels), config.batch_size, config.seed, 0))
     latest: dict[str, Any] = {}  # the validation scores of the epoch just run
 
     def run_epoch(epoch: int) -> EpochResult:
         nonlocal step
-        terms = train_epoch(model, optimizer, train, config, epoch, steps_per_epoch, progress)
+        terms = train_epoch(stepped, optimizer, train, config, epoch, steps_per_epoch, progress, world)
         step += steps_per_epoch
-        recalibrate_batchnorm(model, train, config, epoch)
+        recalibrate_batchnorm(model, train, config, epoch, world)
         scores = evaluate(model, val, config, data.num_classes) if len(val.labels) else None
         latest["scores"], latest["terms"] = scores, terms
         row = {"epoch": epoch + 1, "lr": terms["lr"], "train_loss": round(terms["train_loss"], 5),
@@ -566,7 +767,13 @@ def _pretrain(config: PretrainConfig, data: ClassificationData, out_dir: Path, p
                "train_seconds": round(terms["train_seconds"], 3), "images_per_s": round(terms["images_per_s"], 2)}
         return row, None if scores is None else scores["val_acc"]
 
+    def save_best(epoch: int, row: dict[str, Any]) -> None:
+        if world.main:
+            save_backbone(out_dir, model, config, data, epoch + 1, latest["scores"])
+
     def save_state(epoch: int, current: LoopState) -> None:
+        if not world.main:
+            return
         save_resume(resume_path, current, epoch, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                     config_json=json.dumps(config.to_dict()), data_json=json.dumps(_data_identity(data)))
 
@@ -579,9 +786,9 @@ def _pretrain(config: PretrainConfig, data: ClassificationData, out_dir: Path, p
 
     state = run_epochs(
         state, config.epochs, run_epoch,
-        save_best=lambda epoch, row: save_backbone(out_dir, model, config, data, epoch + 1, latest["scores"]),
+        save_best=save_best,
         save_state=save_state,
-        write_metrics=lambda history: write_history(out_dir, history, plot_pretrain_curves, CURVES),
+        write_metrics=lambda history: write_history(out_dir, history, plot_pretrain_curves, CURVES) if world.main else None,
         describe=describe,
     )
     return _summary(state.history, data, out_dir)
