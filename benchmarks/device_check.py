@@ -33,12 +33,12 @@ from rsitr_train.runs import evaluate_run
 from rsitr_train.trainer import train
 
 
-def _train_on(device: str, data: Path, out: Path, epochs: int) -> dict:
+def _train_on(device: str, data: Path, out: Path, epochs: int, slot: int) -> dict:
     config = load_config("demo", [f"data.path={json.dumps(str(data / 'dataset_synth.json'))}",
                                   f"features.detections={json.dumps(str(data / 'detections.json'))}",
                                   f"features.cache_dir={json.dumps(str(out / ('cache-' + device.replace(':', '-'))))}",
                                   f"train.epochs={epochs}"])
-    run = out / f"run-{device.replace(':', '-')}"
+    run = out / f"run{slot}-{device.replace(':', '-')}"
     summary = train(config, run, progress=False, device=device)
     result = evaluate_run(run, "test", None, progress=False, device=device)
     return {"run": str(run), "seconds_per_epoch": summary.get("seconds_per_epoch"), "test": result["metrics"]}
@@ -56,13 +56,15 @@ def main() -> None:
     data = out / "data"
     if not (data / "dataset_synth.json").is_file():
         generate_synthetic(data, num_images=args.images, image_size=128, seed=0, progress=False)
-    runs = {device: _train_on(device, data, out, args.epochs) for device in (first, second)}
-    across = evaluate_run(runs[second]["run"], "test", None, progress=False, device=first)["metrics"]
+    runs = {f"{slot}:{device}": _train_on(device, data, out, args.epochs, slot) for slot, device in enumerate((first, second))}
+    one, two = runs[f"0:{first}"], runs[f"1:{second}"]
+    across = evaluate_run(two["run"], "test", None, progress=False, device=first)["metrics"]
     record = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-              "runs": runs, "speed_ratio": runs[first]["seconds_per_epoch"] / runs[second]["seconds_per_epoch"],
+              "runs": runs, "speed_ratio": one["seconds_per_epoch"] / two["seconds_per_epoch"],
               f"{second}_run_evaluated_on_{first}": across,
-              "mR_difference_across_devices": across["mR"] - runs[second]["test"]["mR"]}
+              "mR_difference_across_devices": across["mR"] - two["test"]["mR"],
+              "mR_difference_between_devices": two["test"]["mR"] - one["test"]["mR"]}
     write_json(out / "device_check.json", record)
     print(json.dumps(record, indent=2))
 

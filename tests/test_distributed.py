@@ -15,6 +15,7 @@ orders of magnitude more.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -336,6 +337,10 @@ def _weight_changes(got: dict[str, Any], want: dict[str, Any]) -> tuple[list[flo
     return changes, statistics
 
 
+# Slow (about 15 s on two cores): one process and two spawned gloo processes each run four ResNet-18
+# steps, the processes twice (with the global BatchNorm, and with per-process statistics to show the
+# comparison can fail).
+@pytest.mark.slow
 def test_two_gloo_processes_pretrain_like_one_process_with_the_global_batch(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers run (the tolerances cover other counts too)
@@ -380,7 +385,12 @@ def test_augmenting_rows_of_a_batch_equals_those_rows_of_the_whole_batch_and_kee
 
 
 def _pretrain_data(root: Path):
-    """Three colour classes, eight noisy 40 px PNGs each; 18 training and 6 validation images."""
+    """Three classes of seven 40 px noise PNGs each; 15 training and 6 validation images.
+
+    Noise, not the solid colours of tests/test_pretrain.py: on nearly uniform images the last
+    stage's BatchNorm sees nearly constant channels, and one process's first gradients there move
+    by 18 % when only the memory layout changes, too ill-conditioned to compare two runs.
+    """
     import numpy as np
     from PIL import Image
 
@@ -388,16 +398,22 @@ def _pretrain_data(root: Path):
 
     if not root.exists():
         rng = np.random.default_rng(0)
-        for name, rgb in {"red": (200, 40, 40), "green": (40, 170, 60), "blue": (40, 60, 200)}.items():
+        for name in ("a", "b", "c"):
             (root / name).mkdir(parents=True)
-            for i in range(8):
-                pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (40, 40, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(root / name / f"{i}.png")
+            for i in range(7):
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
     return load_imagefolder(root, val_fraction=0.25, seed=0)
 
 
-#: Whole runs: 18 training images in batches of 7 (two steps of shares 4 + 3 per epoch), CutMix on half the batches.
-RUN_CONFIG = dict(epochs=2, batch_size=7, cutmix=0.5, bn_images=18)
+#: Whole runs: one step per epoch (15 training images in one batch, shares of 8 + 7), CutMix drawn for half
+#: the batches. Two steps in all: the network's sensitivity to rounding (see PRETRAIN_STEP) grows with
+#: every step; a one-process run in another memory layout differs from itself by a median 6 % of the
+#: weight change after three steps of two per epoch.
+RUN_CONFIG = dict(epochs=2, batch_size=15, cutmix=0.5, bn_images=15)
+#: The validation loss goes through the recalibrated BatchNorm statistics, which amplify the rounding
+#: (PRETRAIN_STATISTICS): after the second epoch two processes move it by 0.2 %, one process in another
+#: memory layout by 0.1 %. Training losses agree to 5e-5 and the validation accuracy exactly.
+VAL_LOSS_RTOL = 1e-2
 
 
 def _no_writes(*args, **kwargs):
@@ -446,16 +462,23 @@ def test_two_process_pretraining_matches_one_process_writes_once_and_resumes(tmp
 
     mp.spawn(_pretrain_runs_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
 
+    from rsitr_train.pretrain import build_classifier
+
     names = sorted(p.name for p in (tmp_path / "single").iterdir())
-    want = torch.load(tmp_path / "single" / "resume.pt", weights_only=True)["model"]
     expected_rows = _untimed_rows(tmp_path / "single" / "metrics.csv")
+    single = {"initial": build_classifier(_pretrain_config(**RUN_CONFIG), 3).state_dict(),
+              "weights": torch.load(tmp_path / "single" / "resume.pt", weights_only=True)["model"]}
     for run in ("ddp", "resumed"):
         assert sorted(p.name for p in (tmp_path / run).iterdir()) == names  # no leftovers of a second writer
         rows = _untimed_rows(tmp_path / run / "metrics.csv")
         assert [row.keys() for row in rows] == [row.keys() for row in expected_rows]
         for got, row in zip(rows, expected_rows):
-            for key, value in row.items():  # validation through a rounded argmax: looser
-                assert got[key] == pytest.approx(value, rel=RTOL, abs=1e-3 if key.startswith("val_") else ATOL), (run, key)
-        got_weights = torch.load(tmp_path / run / "resume.pt", weights_only=True)["model"]
-        for key, value in want.items():
-            assert torch.allclose(got_weights[key].float(), value.float(), rtol=RTOL, atol=ATOL), (run, key)
+            for key, value in row.items():  # metrics.csv rounds to 5 digits; validation: see VAL_LOSS_RTOL
+                rel = VAL_LOSS_RTOL if key == "val_loss" else PRETRAIN_LOSS_RTOL
+                assert got[key] == pytest.approx(value, rel=rel, abs=2e-5), (run, key)
+        got = {"weights": torch.load(tmp_path / run / "resume.pt", weights_only=True)["model"]}
+        changes, statistics = _weight_changes(got, single)
+        assert max(changes) < PRETRAIN_STEP[0] and float(torch.tensor(changes).median()) < PRETRAIN_STEP[1], run
+        assert statistics < PRETRAIN_STATISTICS, run
+    assert json.loads((tmp_path / "ddp" / "backbone.json").read_text())["epoch"] == json.loads(
+        (tmp_path / "single" / "backbone.json").read_text())["epoch"]

@@ -353,7 +353,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                                     train_split=args.train_split,
                                     val_split=None if args.val_split.lower() == "none" else args.val_split,
                                     hold_out=args.hold_out)
-    print(data.summary())
+    if _main_process():  # under torchrun every process runs this; one reports
+        print(data.summary())
     values = {"backbone": args.backbone, "image_size": args.image_size, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "precision": args.precision,
               "init_weights": args.init_weights, "threads": args.threads, "weight_decay": args.weight_decay,
@@ -363,8 +364,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         config = PretrainConfig(**{k: v for k, v in values.items() if v is not None})
     summary = pretrain(config, data, args.out, progress=not args.quiet, device=args.device)
-    print(json.dumps(summary, indent=2))
-    print(f"use it with: --backbone-weights {Path(args.out) / 'backbone.safetensors'}")
+    if _main_process():
+        print(json.dumps(summary, indent=2))
+        print(f"use it with: --backbone-weights {Path(args.out) / 'backbone.safetensors'}")
     return 0
 
 

@@ -32,8 +32,12 @@ How it trains, and why:
   run resumed from ``resume.pt`` repeats exactly the batches the uninterrupted run would have seen.
 
 Data-parallel (``torchrun``, :mod:`rsitr.distributed`): ``batch_size`` stays the global batch and
-N processes train the model one process trains (up to float rounding; ``tests/test_distributed.py``
-checks losses and weights against one process). How each part is made independent of N:
+N processes train the model one process trains, up to float rounding (the sums run in another
+order). BatchNorm networks carry rounding on and amplify it from step to step, as much as a
+change of thread count or memory layout in one process does; ``tests/test_distributed.py``
+compares gradients, losses and weights with bounds measured that way. The GPU path
+(SyncBatchNorm, NCCL) is the same code but needs two GPUs to test. How each part is made
+independent of N:
 
 * Every process decodes all images (the memory cost is N times one process's) and draws the same
   global batch order; it trains on its contiguous share of every global batch (:func:`shard_range`).
@@ -408,8 +412,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 def _global_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` with every BatchNorm2d computing global-batch statistics (in place; same parameters and buffers).
 
-    GPUs: :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`. CPU: :class:`GlobalBatchNorm2d`,
-    which keeps the class of a plain BatchNorm2d's state dict, so checkpoints are unchanged.
+    GPUs: :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`. CPU: :class:`GlobalBatchNorm2d`.
+    Both keep BatchNorm2d's state-dict keys, so checkpoints are those of one process.
     """
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
