@@ -211,7 +211,7 @@ def test_localize_eval_names_the_first_missing_image(model, tmp_path, capsys) ->
 
 @pytest.mark.slow  # trains the demo model (about two and a half minutes on 2 cores), then five 2,600-px scenes
 def test_the_parking_lot_is_the_hottest_block_for_its_caption_with_a_trained_demo_model(tmp_path) -> None:
-    """Four 1,024-px blocks of the kinds the issue names (a parking lot beside a road, a residential block, a
+    """Four 1,024-px blocks of the usual kinds (a parking lot beside a road, a residential block, a
     storage-tank farm, farmland) on grass, in five seeded drawings; the query is the parking block's own caption.
 
     The demo model (a seeded random ResNet-18 under trained heads, mR 40 on its chips) is not always right:
