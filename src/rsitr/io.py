@@ -140,6 +140,18 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def save_image(path: str | Path, image: Any, format: str = "PNG", **options: Any) -> None:
+    """Write a PIL image or a uint8 array (H×W gray, H×W×3 RGB) to ``path`` atomically in ``format``.
+
+    ``options`` go to PIL's writer (e.g. ``quality=90`` for JPEG).
+    """
+    from PIL import Image
+
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format=format, **options)
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save a flat dict of tensors as safetensors, atomically. Tensors are made contiguous."""
     flat = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}

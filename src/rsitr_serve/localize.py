@@ -42,7 +42,7 @@ scoring, fusing (with smoothing) and writing, so a user can see where time goes.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -52,7 +52,6 @@ from typing import Any
 import cv2
 import numpy as np
 import rasterio
-from PIL import Image
 from rasterio.transform import Affine
 
 from rsitr.bundle import RetrievalBundle
@@ -60,7 +59,7 @@ from rsitr.data.images import tiff_bands
 from rsitr.data.rasters import ImageSource, TileWindow, bounded_reading, open_image
 from rsitr.errors import ConfigError
 from rsitr.features import ImageBatch, features_of_images, image_batch
-from rsitr.io import atomic_path, check_writable, write_json
+from rsitr.io import atomic_path, check_writable, save_image, write_json
 from rsitr.models.base import Encoding, concat_encodings
 from rsitr.progress import progress_bar
 from rsitr_serve.tiling import MIN_TILE
@@ -358,29 +357,15 @@ def _overview(path: Path, bands: Sequence[int] | None, width: int, height: int) 
         return source.thumbnail(whole, OVERLAY_MAX_SIDE)
 
 
-def save_png(path: Path, heat: np.ndarray) -> None:
-    Image.fromarray(heat, "L").save(path, format="PNG")
-
-
-def _save_jpeg(path: Path, pixels: np.ndarray) -> None:
-    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
-
-
-def save_with_rename(path: Path, writer: Callable[..., None], *args: Any) -> Path:
-    """``writer(temporary, *args)``, then the temporary file renamed to ``path``."""
-    with atomic_path(path) as tmp:
-        writer(tmp, *args)
-    return path
-
-
 def _save_geotiff(path: Path, heat: np.ndarray, crs: str | None, transform: tuple[float, ...]) -> None:
+    """The heat map as a single-band uint8 GeoTIFF with the input's CRS and transform, atomically."""
     profile = {"driver": "GTiff", "width": heat.shape[1], "height": heat.shape[0], "count": 1, "dtype": "uint8",
                "transform": Affine(*transform[:6]), "compress": "deflate"}
     if crs is not None:
         profile["crs"] = crs
     if heat.shape[0] >= 256 and heat.shape[1] >= 256:
         profile.update(tiled=True, blockxsize=256, blockysize=256)
-    with rasterio.open(path, "w", **profile) as out:
+    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as out:
         out.write(heat, 1)
 
 
@@ -392,20 +377,24 @@ def output_stem(result: Localization, k: int) -> str:
 def write_localization(result: Localization, out_dir: str | Path, overlay: bool = True) -> list[Path]:
     """Heat map PNG, colour overlay JPEG and (georeferenced input) GeoTIFF, plus a JSON record, per sentence."""
     out = check_writable(out_dir, "localisation output folder")
-    written: list[Path] = []
+    outputs: list[list[Path]] = []
     with result.times.stage("writing"):
         picture = _overview(result.path, result.bands, result.width, result.height) if overlay else None
         for k, heat in enumerate(result.heat):
             stem = output_stem(result, k)
-            written.append(save_with_rename(out / f"{stem}.heat.png", save_png, heat))
+            files = [out / f"{stem}.heat.png"]
+            save_image(files[-1], heat)
             if picture is not None:
-                written.append(save_with_rename(out / f"{stem}.overlay.jpg", _save_jpeg, colour_overlay(picture, heat)))
+                files.append(out / f"{stem}.overlay.jpg")
+                save_image(files[-1], colour_overlay(picture, heat), "JPEG", quality=90)
             if result.transform is not None:
-                written.append(save_with_rename(out / f"{stem}.heat.tif", _save_geotiff, heat, result.crs, result.transform))
-    for k in range(len(result.heat)):
+                files.append(out / f"{stem}.heat.tif")
+                _save_geotiff(files[-1], heat, result.crs, result.transform)
+            outputs.append(files)
+    written: list[Path] = []
+    for k, files in enumerate(outputs):  # after the writing stage, so each record holds its whole time
         record = out / f"{output_stem(result, k)}.json"
-        write_json(record, {**result.summary(k), "outputs": [p.name for p in written
-                                                             if p.name.startswith(output_stem(result, k) + ".")]})
-        written.append(record)
+        write_json(record, {**result.summary(k), "outputs": [p.name for p in files]})
+        written += [*files, record]
     return written
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from rsitr.bundle import RetrievalBundle
 from rsitr.errors import ConfigError
-from rsitr.io import check_writable
+from rsitr.io import check_writable, save_image
 from rsitr.localization_metrics import LocalizationSample, average_metrics, prob_from_heat, read_annotations, selo_metrics
-from rsitr_serve.localize import DEFAULT_BLUR, DEFAULT_SIZES, StageTimes, localize, save_png, save_with_rename
+from rsitr_serve.localize import DEFAULT_BLUR, DEFAULT_SIZES, StageTimes, localize
 
 REPORTED = ("rsu", "ras", "rda", "rmi")
 
@@ -42,7 +42,7 @@ def _image_paths(groups: dict[str, list[int]], image_dir: Path, anno_json: str |
 
 
 def _save_heat(folder: Path, index: int, name: str, heat: Any) -> None:
-    save_with_rename(folder / f"{index:03d}_{Path(name).stem}.heat.png", save_png, heat)
+    save_image(folder / f"{index:03d}_{Path(name).stem}.heat.png", heat)
 
 
 def evaluate_localization(bundle: RetrievalBundle, anno_json: str | Path, image_dir: str | Path,

@@ -142,18 +142,23 @@ class TileSearcher:
 
     def _full_scores(self, ids: np.ndarray, texts: dict[str, torch.Tensor]) -> np.ndarray:
         shards, rows = self.catalog.locate(ids)
-        images = self.shards.gather(shards, rows, ENCODING_PREFIX)
-        return self.encoders.model.score(images, texts)[:, 0].numpy().astype(np.float64)
+        return self._stored_scores(shards, rows, texts)
+
+    def _stored_scores(self, shards: np.ndarray, rows: np.ndarray, texts: dict[str, torch.Tensor]) -> np.ndarray:
+        """The full score of one text against stored encodings, ``EXHAUSTIVE_BLOCK`` rows of the shards at a time."""
+        if len(rows) == 0:
+            return np.zeros(0)
+        return np.concatenate([
+            self.encoders.model.score(self.shards.gather(shards[s:s + EXHAUSTIVE_BLOCK], rows[s:s + EXHAUSTIVE_BLOCK],
+                                                         ENCODING_PREFIX), texts)[:, 0].numpy().astype(np.float64)
+            for s in range(0, len(rows), EXHAUSTIVE_BLOCK)])
 
     def exhaustive_text(self, text: str, k: int = 20) -> list[TileResult]:
         """The ``k`` best tiles by the full score over every tile (the baseline of the first stage)."""
         self.check_words(text)
         texts = self.encoders.model.encode_texts([text])
         ids, shards, rows = self.catalog.tile_locations()
-        full = np.concatenate([
-            self.encoders.model.score(self.shards.gather(shards[s:s + EXHAUSTIVE_BLOCK], rows[s:s + EXHAUSTIVE_BLOCK],
-                                                         ENCODING_PREFIX), texts)[:, 0].numpy().astype(np.float64)
-            for s in range(0, len(ids), EXHAUSTIVE_BLOCK)]) if len(ids) else np.zeros(0)
+        full = self._stored_scores(shards, rows, texts)
         order = np.lexsort((ids, -full))[:k]
         first = self._first_stage_scores(ids[order], self._stage_texts(text, texts))
         return self._results(ids[order], full[order], first)
@@ -187,8 +192,7 @@ class TileSearcher:
         if len(ids) == 0:
             raise ConfigError(f"file {file_id} has no tiles in the index")
         texts = self.encoders.model.encode_texts([text])
-        scores = np.concatenate([self._full_scores(ids[s:s + EXHAUSTIVE_BLOCK], texts)
-                                 for s in range(0, len(ids), EXHAUSTIVE_BLOCK)])
+        scores = self._full_scores(ids, texts)
         fused = fuse_window_scores(windows, scores, width, height, out_shape=out_shape)
         heat = normalise_and_smooth(fused, odd_kernel(blur * out_shape[1] / width))
         row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)

@@ -102,6 +102,8 @@ class SearchService:
             self.extents = self.searcher.catalog.file_lonlat_extents()
         self.thumbnail = functools.lru_cache(maxsize=4096)(self._thumbnail)
         self.overview = functools.lru_cache(maxsize=64)(self._overview)
+        # The decimated pixels of recent overviews: a heat map is drawn over them without reading the file again.
+        self.overview_pixels = functools.lru_cache(maxsize=8)(self._overview_pixels)
 
     def close(self) -> None:
         self.queries.shutdown(wait=True)
@@ -157,12 +159,12 @@ class SearchService:
             return source.thumbnail(whole, min(size, max(record.width, record.height)))
 
     def _overview(self, file_id: int, size: int) -> bytes:
-        return _jpeg(self._overview_pixels(file_id, size))
+        return _jpeg(self.overview_pixels(file_id, size))
 
     def localize(self, file_id: int, text: str, size: int) -> tuple[bytes, tuple[int, int]]:
         """A JPEG of the file's overview with the heat map of ``text`` over it, and the hottest point (file px)."""
         record = self._file(file_id)
-        pixels = self._overview_pixels(file_id, size)
+        pixels = self.overview_pixels(file_id, size)
         with self.lock:
             heat, hottest = self.searcher.localize_in_file(file_id, text, record.width, record.height, pixels.shape[:2])
         return _jpeg(colour_overlay(pixels, heat)), hottest

@@ -49,7 +49,7 @@ from rsitr.data.images import read_image
 from rsitr.data.loader import load_dataset
 from rsitr.data.synth.large_scenes import square_polygon
 from rsitr.errors import ConfigError, DatasetError
-from rsitr.io import atomic_path, write_json
+from rsitr.io import save_image, write_json
 from rsitr.localization_metrics import LocalizationSample, write_annotations
 from rsitr.progress import progress_bar
 
@@ -165,11 +165,10 @@ def make_mosaic(dataset: RetrievalDataset, classes: dict[str, list[int]], index:
 
 def _save(pixels: np.ndarray, path: Path, image_format: str) -> None:
     """Write a mosaic atomically: PNG, or JPEG at quality 95 without chroma subsampling."""
-    with atomic_path(path) as tmp:
-        if image_format == "jpg":
-            Image.fromarray(pixels).save(tmp, format="JPEG", quality=95, subsampling=0)
-        else:
-            Image.fromarray(pixels).save(tmp, format="PNG")
+    if image_format == "jpg":
+        save_image(path, pixels, "JPEG", quality=95, subsampling=0)
+    else:
+        save_image(path, pixels)
 
 
 def _record(m: Mosaic) -> dict:

@@ -60,7 +60,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from rsitr.data.synth.captions import _SCENE_NPS, make_captions  # the caption writer's scene noun phrases
 from rsitr.data.synth.layouts import LAYOUTS
@@ -68,7 +67,7 @@ from rsitr.data.synth.placement import SceneBuilder
 from rsitr.data.synth.render import render_scene
 from rsitr.data.synth.scene import SCENE_TYPES, SceneDescription
 from rsitr.errors import ConfigError
-from rsitr.io import atomic_path, write_json
+from rsitr.io import save_image, write_json
 from rsitr.localization_metrics import LocalizationSample, write_annotations
 from rsitr.progress import progress_bar
 
@@ -414,8 +413,7 @@ def generate_large_scenes(
     for i in progress_bar(range(num_scenes), desc="large scenes", unit="scene", enabled=progress):
         scene, pixels = make_large_scene(seed, i, sizes, blocks, per_scene, captions_per_block,
                                          block_gap, background_tile)
-        with atomic_path(image_dir / scene.image) as tmp:
-            Image.fromarray(pixels).save(tmp, format="PNG")
+        save_image(image_dir / scene.image, pixels)
         scenes.append(scene)
     write_annotations(out / "anno.json", _selo_samples(scenes))
     write_json(out / "scenes.json", {

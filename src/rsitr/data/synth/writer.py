@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from rsitr.data.dataset import RetrievalDataset
@@ -21,7 +20,7 @@ from rsitr.data.synth.render import render_scene
 from rsitr.data.synth.sampling import CAPTION_STREAM, RENDER_STREAM, image_rng, make_scene
 from rsitr.data.synth.scene import SceneDescription
 from rsitr.errors import ConfigError
-from rsitr.io import atomic_path, write_json
+from rsitr.io import save_image, write_json
 from rsitr.text import tokenize
 
 #: Seed-stream suffix of the split shuffle, kept apart from every per-image stream.
@@ -88,12 +87,6 @@ def _karpathy_entry(index: int, filename: str, split: str, label: str, texts: li
     }
 
 
-def _save_png(img: Image.Image, path: Path) -> None:
-    """Write a PNG atomically."""
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-
-
 def generate_synthetic(
     out_dir: str | Path,
     num_images: int = 600,
@@ -127,7 +120,7 @@ def generate_synthetic(
     for i in tqdm(range(num_images), desc="synthetic images", unit="img", disable=not progress):
         scene = make_scene(seed, i, image_size)
         filename = f"synth_{i:05d}.png"
-        _save_png(render_scene(scene, image_rng(seed, i, RENDER_STREAM)), image_dir / filename)
+        save_image(image_dir / filename, render_scene(scene, image_rng(seed, i, RENDER_STREAM)))
         texts = make_captions(scene, image_rng(seed, i, CAPTION_STREAM), captions_per_image)
         karpathy.append(_karpathy_entry(i, filename, splits[i], scene.scene_type, texts, len(captions)))
         detections[filename] = _detections_entry(scene)
