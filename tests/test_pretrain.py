@@ -25,6 +25,7 @@ from rsitr_train.pretrain import (
     BACKBONE_JSON,
     CURVES,
     PretrainConfig,
+    WeightAverage,
     _Split,
     build_classifier,
     cutmix_batch,
@@ -233,6 +234,45 @@ def test_cutmix_run_trains(colour_data, tmp_path: Path) -> None:
     assert summary["epochs"] == 2 and math.isfinite(summary["best_val_acc"])
     history = list(csv.DictReader((tmp_path / METRICS).read_text().splitlines()))
     assert all(math.isfinite(float(row["train_loss"])) for row in history)
+
+
+def test_weight_average_follows_the_exponential_recursion() -> None:
+    net = torch.nn.Linear(3, 2)
+    average = WeightAverage(net, decay=0.75)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(4.0)
+    average.update(net)  # 0.75 * start + 0.25 * (start + 4) = start + 1
+    torch.testing.assert_close(average.module.weight, start + 1.0)
+    average.update(net)  # 0.75 * (start + 1) + 0.25 * (start + 4) = start + 1.75
+    torch.testing.assert_close(average.module.weight, start + 1.75)
+    assert not average.module.weight.requires_grad
+
+
+def test_averaged_run_saves_the_average_and_resumes_to_it(colour_data, tmp_path: Path) -> None:
+    config = replace(TINY, ema_decay=0.9)
+    reference = tmp_path / "whole"
+    summary = pretrain(config, colour_data, reference, progress=False)
+    history = list(csv.DictReader((reference / METRICS).open()))
+    assert summary["epochs"] == 2 and all(row["val_acc_raw"] != "" for row in history)
+    payload = torch.load(reference / RESUME, weights_only=True)
+    saved = load_tensors(reference / BACKBONE_FILE)
+    best = int(summary["best_epoch"])
+    if best == 2:  # the saved weights are the average's, not the trained network's
+        assert torch.equal(saved["conv1.weight"], payload["average"]["conv1.weight"])
+        assert not torch.equal(saved["conv1.weight"], payload["model"]["conv1.weight"])
+
+    def stop_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch 1/"):
+            raise Interrupt
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Interrupt), log_lines(stop_after_first_epoch):
+        pretrain(config, colour_data, resumed, progress=False)
+    pretrain(config, colour_data, resumed, progress=False)
+    again = torch.load(resumed / RESUME, weights_only=True)
+    for key, value in payload["average"].items():
+        assert torch.equal(value, again["average"][key]), key
 
 
 def test_yaml_config_loads_with_overrides(tmp_path: Path) -> None:

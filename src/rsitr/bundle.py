@@ -33,6 +33,10 @@ Choices:
   ``bundle.json`` records the source as ``features.boxes``; a manifest (or a run's
   ``model.json``) without the field was written before it existed and means ``"grid"``. Pass a
   detector's boxes to ``encode_images``.
+* ``features.dihedral`` (also under ``preprocessing``): the features averaged over the eight
+  rotations and flips of an image (:class:`rsitr.features.FeatureSpec`); the bundle's feature spec
+  carries it, so encoding, indexing and localisation compute them as the run's cache did. A
+  manifest without the field predates it and means False.
 """
 
 from __future__ import annotations
@@ -253,7 +257,8 @@ class RetrievalBundle:
             "preprocessing": {"image_size": self.feature_spec.image_size, "resize": "bilinear", "color": "RGB",
                               "input_range": [0, 1], "mean": list(info.mean), "std": list(info.std),
                               "default_boxes": "rsitr.features.roi.default_boxes",
-                              "boxes": self.feature_spec.boxes, "bands": features["bands"]},
+                              "boxes": self.feature_spec.boxes, "bands": features["bands"],
+                              "dihedral": self.feature_spec.dihedral},
             "text": {"max_length": self.max_length, "vocab_size": len(self.vocab), "vocab_sha": vocab_digest(self.vocab),
                      "text_inputs": list(self.model.text_inputs)},
             "precision": {"model": self.precision, "features": self.feature_spec.precision},

@@ -262,18 +262,23 @@ def blockwise_similarity(
     return sims
 
 
-def format_table(metrics: dict[str, float], chance: dict[str, float] | None = None, title: str = "") -> str:
-    """A Markdown table laid out like DOVE's Table I (i2t R@1/5/10, t2i R@1/5/10, mR) plus ranks."""
+TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR", "rsum", "i2t_medr", "t2i_medr")
+
+
+def format_rows(rows: Sequence[tuple[str, dict[str, float]]], title: str = "") -> str:
+    """A Markdown table laid out like DOVE's Table I (i2t R@1/5/10, t2i R@1/5/10, mR) plus ranks, one row per (name, metrics)."""
     head = "| | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | mR | R@sum | i2t MedR | t2i MedR |"
     sep = "|" + "---|" * 11
     def row(name: str, m: dict[str, float]) -> str:
-        vals = [m.get(k) for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR", "rsum", "i2t_medr", "t2i_medr")]
+        vals = [m.get(k) for k in TABLE_KEYS]
         cells = ["—" if v is None else f"{v:.2f}" for v in vals]
         return f"| {name} | " + " | ".join(cells) + " |"
-    lines = ([f"**{title}**", ""] if title else []) + [head, sep, row("model", metrics)]
-    if chance is not None:
-        lines.append(row("chance", chance))
-    return "\n".join(lines)
+    return "\n".join(([f"**{title}**", ""] if title else []) + [head, sep] + [row(name, m) for name, m in rows])
+
+
+def format_table(metrics: dict[str, float], chance: dict[str, float] | None = None, title: str = "") -> str:
+    """:func:`format_rows` of one model, with the chance level below it."""
+    return format_rows([("model", metrics)] + ([] if chance is None else [("chance", chance)]), title=title)
 
 
 #: Fixed scoring block (images × captions). It bounds memory only; it is deliberately not tied to
@@ -367,7 +372,7 @@ def evaluate_features(model: RetrievalModel, image_features: dict[str, torch.Ten
     return recall_metrics(sims, data.caption_local_image), sims
 
 
-def extra_views(sims: torch.Tensor, data: SplitData) -> dict[str, dict[str, float]]:
+def extra_views(sims: torch.Tensor | np.ndarray, data: SplitData) -> dict[str, dict[str, float]]:
     """The two views reported beside the headline: the reference code's tie order and distinct texts."""
     return {"reference_ties": recall_metrics(sims, data.caption_local_image, ties="reference"),
             "distinct_text": distinct_text_metrics(sims, data.caption_local_image, data.text_ids)}

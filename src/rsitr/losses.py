@@ -15,6 +15,23 @@ def same_image_mask(image_ids: torch.Tensor) -> torch.Tensor:
     return image_ids[:, None] == image_ids[None, :]
 
 
+def shared_text_mask(image_texts: torch.Tensor, caption_texts: torch.Tensor) -> torch.Tensor:
+    """(B, B) bool: True where caption j says word for word what one of image i's own captions says.
+
+    Args:
+        image_texts: (B, K) text ids of the K captions of each row's image (``-1`` pads images
+            with fewer captions); equal ids are equal token sequences.
+        caption_texts: (B,) text id of each column's caption.
+
+    In UCM-Captions most captions recur verbatim across images ("there are many buildings"), so
+    another image's copy of a positive caption is a true description of the anchor: as a
+    negative it asks the model to rank a sentence below itself. Such pairs are excluded in both
+    directions of the loss, like the captions of the same image (which this mask contains).
+    """
+    hits = image_texts[:, :, None] == caption_texts[None, None, :]
+    return (hits & (caption_texts >= 0)[None, None, :]).any(dim=1)
+
+
 def triplet_ranking_loss(
     sims: torch.Tensor,
     same_image: torch.Tensor,
@@ -47,10 +64,3 @@ def triplet_ranking_loss(
         return cost_caption.max(dim=1).values.mean() + cost_image.max(dim=0).values.mean()
     return cost_caption.sum(dim=1).mean() + cost_image.sum(dim=0).mean()
 
-
-def vse_ranking_loss(sims: torch.Tensor, image_ids: torch.Tensor, margin: float, hardest: bool) -> torch.Tensor:
-    """VSE++'s ℓ_MH (hardest negative) or ℓ_SH (summed hinges), captions of one image never negatives.
-
-    The loss of VSE++ and SCAN on a (B, B) score matrix whose diagonal holds the positive pairs.
-    """
-    return triplet_ranking_loss(sims, same_image_mask(image_ids), margin, reduction="hardest" if hardest else "sum")

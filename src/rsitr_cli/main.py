@@ -154,6 +154,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from rsitr_train.ensemble import ensemble_table, evaluate_ensemble, parse_weights
+
+    weights = parse_weights(args.weights, len(args.run_dirs))
+    result = evaluate_ensemble(args.run_dirs, args.split, weights, args.json, progress=not args.quiet,
+                               precision=args.precision, dataset=args.dataset, device=args.device)
+    print(ensemble_table(result))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from rsitr.bundle import export_model, load_model
 
@@ -250,7 +260,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.path, layout=args.layout, image_dir=args.images)
     spec = FeatureSpec(backbone=args.backbone, weights=args.backbone_weights, image_size=args.image_size,
                        detections=args.detections, precision=args.precision, boxes=args.boxes,
-                       bands=_numbers(args.bands, int, "--bands"))
+                       bands=_numbers(args.bands, int, "--bands"), dihedral=args.dihedral)
     cache_dir = Path(args.cache_dir or default_cache_dir())
     cached = spec.cache_path(dataset, cache_dir).is_file()
     started = time.perf_counter()
@@ -358,7 +368,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     values = {"backbone": args.backbone, "image_size": args.image_size, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "precision": args.precision,
               "init_weights": args.init_weights, "threads": args.threads, "weight_decay": args.weight_decay,
-              "cutmix": args.cutmix}
+              "cutmix": args.cutmix, "ema_decay": args.ema_decay}
     if args.config:
         config = load_pretrain_config(args.config, values)
     else:
@@ -639,6 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="grid | activation: region boxes of images without detections (fixed grid or activation proposals)")
     feats.add_argument("--image-size", type=int, default=256, help="side the images are resized to, in pixels (default 256)")
     feats.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="backbone precision (default bf16)")
+    feats.add_argument("--dihedral", action="store_true",
+                       help="average the features over the 8 rotations and flips of each image (8 backbone passes; "
+                            "model.features.dihedral in a run)")
     feats.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     feats.add_argument("--cache-dir", help="feature cache folder (default $RSITR_CACHE_DIR, else ~/.cache/rsitr)")
     feats.add_argument("--bands", help=BANDS_HELP.replace("sets features.bands; ", ""))
@@ -660,6 +673,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", help="the dataset to evaluate on, when not where the run's config says")
     _add_device_argument(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    ens = sub.add_parser("ensemble", parents=[quiet], help="evaluate several runs of one dataset and their ensemble "
+                                                           "(z-scored score matrices, averaged)")
+    ens.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of rsitr train (same dataset and splits)")
+    ens.add_argument("--split", help="split to score (default: the first run's report split, as for rsitr evaluate); "
+                                     "a split any run trained or chose its epoch on is refused")
+    ens.add_argument("--weights", metavar="W1,W2,...", help="one non-negative weight per run, comma-separated (default: equal)")
+    ens.add_argument("--json", help="also write every run's and the ensemble's metrics as JSON to this file")
+    ens.add_argument("--precision", choices=["fp32", "bf16"], help="precision of every run; default: each run's train.precision")
+    ens.add_argument("--dataset", help="the dataset to evaluate on, when not where the runs' configs say")
+    _add_device_argument(ens)
+    ens.set_defaults(func=cmd_ensemble)
 
     export = sub.add_parser("export", parents=[quiet], help="write a run's model as a self-contained bundle (rsitr.load_model reads it)")
     export.add_argument("run_dir", help="run directory of rsitr train (or a bundle to copy)")
@@ -697,6 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--lr", type=float, help="peak SGD learning rate after warm-up (default 0.05)")
     pre.add_argument("--weight-decay", type=float, help="L2 penalty on convolution and linear weights (default 1e-4)")
     pre.add_argument("--cutmix", type=float, help="probability that a batch is CutMixed (0: off)")
+    pre.add_argument("--ema-decay", type=float,
+                     help="validate, select and save an exponential moving average of the weights with this per-step decay (0: off)")
     pre.add_argument("--precision", choices=["bf16", "fp32"], help="bf16 autocast or fp32 (default bf16)")
     pre.add_argument("--init-weights", help="start from these weights (e.g. ImageNet torchvision weights)")
     pre.add_argument("--threads", type=int, help="torch and decoding threads (default 0: torch's setting, one decoder per CPU)")

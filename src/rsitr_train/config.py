@@ -87,7 +87,7 @@ class FeatureConfig:
 class ModelConfig:
     name: str = "dove"  # registered model name or path to a model YAML
     params: dict[str, Any] = field(default_factory=dict)  # overrides of the model's parameters
-    features: dict[str, Any] = field(default_factory=dict)  # overrides of the model's feature needs (image_size, maps, num_regions, region_level)
+    features: dict[str, Any] = field(default_factory=dict)  # overrides of the model's feature needs (image_size, maps, num_regions, region_level, boxes, dihedral)
 
 
 @dataclass
@@ -113,6 +113,10 @@ class TrainConfig:
     train_backbone: bool = False  # train the backbone with the model (end to end) instead of reading cached features
     backbone_lr: float | None = None  # backbone's Adam learning rate (train_backbone); None = 0.1 × lr, gentle on pretrained weights
     augment: bool | None = None  # augment training images (flips, 90° turns, crop, colour); None = exactly when train_backbone
+    mask_identical_captions: bool = False  # also keep word-for-word copies of an anchor's captions out of its negatives (rsitr_train.auxiliary)
+    scene_loss: float = 0.0  # weight of an auxiliary scene-classification loss on the image embedding (train labels only); 0 = off
+    patience: int = 0  # stop when the selection mR has not improved for this many epochs; 0 = run every epoch
+    min_epochs: int = 0  # never stop early before this many epochs (early selection scores are noisy)
 
     def __post_init__(self) -> None:
         """One-line ConfigErrors for settings that cannot work (the older fields keep their free form)."""
@@ -125,6 +129,14 @@ class TrainConfig:
             raise ConfigError("train.augment needs train.train_backbone: cached features of a frozen backbone cannot be augmented")
         if self.backbone_lr is not None:
             self.backbone_lr = _positive_float(self.backbone_lr, "train.backbone_lr", "or null for 0.1 × lr")
+        if not isinstance(self.mask_identical_captions, bool):
+            raise ConfigError(f"train.mask_identical_captions must be true or false, got {self.mask_identical_captions!r}")
+        if self.scene_loss:
+            self.scene_loss = _positive_float(self.scene_loss, "train.scene_loss", "or 0 for off")
+        for name in ("patience", "min_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"train.{name} must be a whole number >= 0, got {value!r}")
 
     @property
     def effective_backbone_lr(self) -> float:

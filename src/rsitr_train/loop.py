@@ -136,10 +136,25 @@ def write_history(out_dir: Path, history: list[dict[str, Any]], plot: Callable[[
     plot(history, out_dir / plot_name)
 
 
+def patience_exhausted(scores: list[float], patience: int, min_epochs: int = 0) -> bool:
+    """Whether a run should stop: ``patience`` epochs have passed since its best score, and ``min_epochs`` are done.
+
+    ``patience`` 0 never stops. The best is the first epoch reaching the maximum, as the
+    checkpoint rule keeps it. ``min_epochs`` keeps a run going through the first epochs, whose
+    selection scores rise and fall with the learning rate's warm start rather than with
+    overfitting: a run that peaks at epoch 2 by chance would otherwise stop before it has learnt.
+    """
+    if patience <= 0 or len(scores) < max(1, min_epochs):
+        return False
+    best = max(range(len(scores)), key=lambda k: (scores[k], -k))
+    return len(scores) - 1 - best >= patience
+
+
 def run_epochs(state: LoopState, epochs: int, run_epoch: Callable[[int], EpochResult],
                save_best: Callable[[int, dict[str, Any]], None], save_state: Callable[[int, LoopState], None],
                write_metrics: Callable[[list[dict[str, Any]]], None],
-               describe: Callable[[int, dict[str, Any], bool], str]) -> LoopState:
+               describe: Callable[[int, dict[str, Any], bool], str],
+               should_stop: Callable[[list[dict[str, Any]]], bool] | None = None) -> LoopState:
     """Epochs ``state.start_epoch`` .. ``epochs - 1`` of the shared skeleton; returns the final state.
 
     Args:
@@ -148,8 +163,13 @@ def run_epochs(state: LoopState, epochs: int, run_epoch: Callable[[int], EpochRe
         save_state: writes the resume state after epoch ``e``.
         write_metrics: writes the metrics of every epoch so far.
         describe: the log line of epoch ``e`` (its row; whether it was the best).
+        should_stop: given the rows so far, whether to stop before ``epochs`` (early stopping;
+            checked after every epoch and before the first, so a resumed run that had stopped stays stopped).
     """
     for epoch in range(state.start_epoch, epochs):
+        if should_stop is not None and state.history and should_stop(state.history):
+            logger.info(f"stopping after epoch {epoch}: no better selection score in the last epochs")
+            break
         row, score = run_epoch(epoch)
         state.history.append(row)
         improved = score is None or score > state.best

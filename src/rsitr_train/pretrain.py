@@ -74,6 +74,7 @@ Files written into ``out_dir``::
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -158,6 +159,10 @@ class PretrainConfig:
             recomputed after each epoch, before validation; 0 keeps the running averages. The
             running averages lag behind the weights (badly in short runs), and a frozen backbone's
             features are computed with these statistics, so they should describe the final weights.
+        ema_decay: 0 turns it off; otherwise an exponential moving average of the weights,
+            ``θ̄ ← decay·θ̄ + (1 − decay)·θ`` after every optimiser step (:class:`WeightAverage`),
+            is what is validated, selected and saved; the trained weights are still validated
+            each epoch (``val_acc_raw`` in the metrics) so the two can be compared in one run.
     """
 
     backbone: str = "resnet50"
@@ -179,6 +184,7 @@ class PretrainConfig:
     decode_scale: float = 8 / 7
     eval_batch_size: int = 0
     bn_images: int = 2048
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
@@ -205,7 +211,8 @@ class PretrainConfig:
                   ("label_smoothing", 0 <= self.label_smoothing < 1), ("cutmix", 0 <= self.cutmix <= 1),
                   ("warmup_epochs", self.warmup_epochs >= 0),
                   ("threads", self.threads >= 0), ("decode_scale", self.decode_scale >= 1),
-                  ("eval_batch_size", self.eval_batch_size >= 0), ("bn_images", self.bn_images >= 0)]
+                  ("eval_batch_size", self.eval_batch_size >= 0), ("bn_images", self.bn_images >= 0),
+                  ("ema_decay", 0 <= self.ema_decay < 1)]
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"pretrain {name} is out of range: {getattr(self, name)}")
@@ -223,6 +230,28 @@ class PretrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys are a ConfigError."""
         check_keys(values, cls.__dataclass_fields__, "pretrain config", "pretrain parameter")
         return cls(**values)
+
+
+class WeightAverage:
+    """An exponential moving average of a network's parameters (a Polyak average of the SGD iterates).
+
+    On a few thousand images the iterates of a long schedule wander around a minimum; their
+    running mean generalises better than the last one. Only the parameters are averaged: the
+    BatchNorm statistics of the averaged weights are not an average of the statistics of the
+    iterates, so they are recomputed for the averaged network (:func:`recalibrate_batchnorm`)
+    before it is validated, exactly as the trained network's are.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """θ̄ ← decay·θ̄ + (1 − decay)·θ for every parameter of ``model`` (same architecture)."""
+        averaged = [p for p in self.module.parameters()]
+        current = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
 
 
 def load_pretrain_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PretrainConfig:
@@ -485,13 +514,15 @@ def _augmented_share(data: _Split, batch: Tensor, config: PretrainConfig, world:
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Split, config: PretrainConfig,
-                epoch: int, steps_per_epoch: int, progress: bool = True, world: World | None = None) -> dict[str, float]:
+                epoch: int, steps_per_epoch: int, progress: bool = True, world: World | None = None,
+                average: WeightAverage | None = None, trained: nn.Module | None = None) -> dict[str, float]:
     """One epoch of augmented SGD steps; returns mean loss, top-1 accuracy, seconds and images/s.
 
     In a CutMixed batch the accuracy counts a prediction of the image's own label as correct.
     ``world``: in a distributed run ``model`` is the DistributedDataParallel module and this process
     trains on its share of every global batch (see the module docstring); the returned loss,
     accuracy and images/s are those of the global batches, the same on every process.
+    ``average``: updated from ``trained`` (the unwrapped network; default ``model``) after every step.
     """
     world = world or World()
     model.train()
@@ -520,6 +551,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: _Split
         optimizer.zero_grad(set_to_none=True)
         (loss if weight == 1.0 else loss * weight).backward()
         optimizer.step()
+        if average is not None:
+            average.update(trained if trained is not None else model)
         loss_sum += float(loss.detach()) * len(targets)
         correct += int((logits.detach().argmax(dim=1) == targets).sum())
         seen += len(targets)
@@ -634,7 +667,9 @@ def _load_resume(path: Path, config: PretrainConfig, data: ClassificationData) -
     state = load_resume(path)
     if state is None:
         return None
-    if _comparable(json.loads(state["config_json"])) != _comparable(config.to_dict()):
+    # a field added since the run started takes its default (what that run trained with)
+    stored = {**PretrainConfig().to_dict(), **json.loads(state["config_json"])}
+    if _comparable(stored) != _comparable(config.to_dict()):
         raise ConfigError(f"{path.parent}: holds a pretraining run with another configuration; "
                           "choose a new output folder or delete it")
     if json.loads(state["data_json"]) != _data_identity(data):
@@ -746,10 +781,13 @@ def _pretrain(config: PretrainConfig, data: ClassificationData, out_dir: Path, p
     device = device or torch.device("cpu")
     model: nn.Module = build_classifier(config, data.num_classes).to(device)
     optimizer = build_optimizer(model, config)
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     state, step = LoopState(), 0
     if payload is not None:
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
+        if average is not None:
+            average.module.load_state_dict(payload["average"])
         state, step = resumed_state(payload, best_key="best_val_acc"), int(payload["step"])
         logger.info(f"resuming {out_dir} at epoch {state.start_epoch + 1}/{config.epochs}")
     model, stepped = data_parallel(model, device, world)
@@ -759,31 +797,41 @@ def _pretrain(config: PretrainConfig, data: ClassificationData, out_dir: Path, p
 
     def run_epoch(epoch: int) -> EpochResult:
         nonlocal step
-        terms = train_epoch(stepped, optimizer, train, config, epoch, steps_per_epoch, progress, world)
+        terms = train_epoch(stepped, optimizer, train, config, epoch, steps_per_epoch, progress, world,
+                            average=average, trained=model)
         step += steps_per_epoch
         recalibrate_batchnorm(model, train, config, epoch, world)
         scores = evaluate(model, val, config, data.num_classes) if len(val.labels) else None
+        raw_acc = None if scores is None else scores["val_acc"]
+        if average is not None:  # the averaged weights are the ones validated, selected and saved
+            recalibrate_batchnorm(average.module, train, config, epoch, world)
+            scores = evaluate(average.module, val, config, data.num_classes) if len(val.labels) else None
         latest["scores"], latest["terms"] = scores, terms
         row = {"epoch": epoch + 1, "lr": terms["lr"], "train_loss": round(terms["train_loss"], 5),
                "train_acc": round(terms["train_acc"], 5),
                "val_loss": None if scores is None else round(scores["val_loss"], 5),
                "val_acc": None if scores is None else round(scores["val_acc"], 5),
                "train_seconds": round(terms["train_seconds"], 3), "images_per_s": round(terms["images_per_s"], 2)}
+        if average is not None:
+            row["val_acc_raw"] = None if raw_acc is None else round(raw_acc, 5)
         return row, None if scores is None else scores["val_acc"]
 
     def save_best(epoch: int, row: dict[str, Any]) -> None:
         if world.main:
-            save_backbone(out_dir, model, config, data, epoch + 1, latest["scores"])
+            save_backbone(out_dir, model if average is None else average.module, config, data, epoch + 1, latest["scores"])
 
     def save_state(epoch: int, current: LoopState) -> None:
         if not world.main:
             return
+        extra = {} if average is None else {"average": average.module.state_dict()}
         save_resume(resume_path, current, epoch, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                    config_json=json.dumps(config.to_dict()), data_json=json.dumps(_data_identity(data)))
+                    config_json=json.dumps(config.to_dict()), data_json=json.dumps(_data_identity(data)), **extra)
 
     def describe(epoch: int, row: dict[str, Any], improved: bool) -> str:
         scores, terms = latest["scores"], latest["terms"]
         val_text = "" if scores is None else f"  val loss {scores['val_loss']:.4f}  val acc {scores['val_acc']:.2%}"
+        if average is not None and row.get("val_acc_raw") is not None:
+            val_text += f" (trained weights {row['val_acc_raw']:.2%})"
         return (f"epoch {epoch + 1}/{config.epochs}  loss {terms['train_loss']:.4f}  train acc {terms['train_acc']:.2%}"
                 f"{val_text}  {terms['images_per_s']:.1f} img/s  {terms['train_seconds']:.1f}s"
                 + ("  *best" if improved else ""))

@@ -69,6 +69,7 @@ from rsitr.models.registry import ModelSpec, build_config
 from rsitr.precision import autocast
 from rsitr.progress import get_logger, progress_bar
 from rsitr.text import Vocabulary, load_glove
+from rsitr_train.auxiliary import SCENE_TERM, SceneSupervision, identical_text_tables, scene_supervision
 from rsitr_train.config import RunConfig, describes, read_config_file
 from rsitr_train.end_to_end import (
     ImageStore,
@@ -86,6 +87,7 @@ from rsitr_train.loop import (
     LoopState,
     cleaned_on_failure,
     load_resume,
+    patience_exhausted,
     remove_interrupted_writes,
     resumed_state,
     run_epochs,
@@ -301,14 +303,16 @@ def _start_end_to_end(prepared: Prepared, train_ids: Tensor, val_ids: Tensor, pr
                                        threads=prepared.config.train.threads, progress=progress)
 
 
-def _build_optimizer(model: RetrievalModel, backbone: Backbone | None, config: RunConfig) -> torch.optim.Adam:
-    """Adam over the model (``lr``), plus a second group for the backbone (``backbone_lr``) end to end."""
-    heads = [p for p in model.parameters() if p.requires_grad]
+def _build_optimizer(model: RetrievalModel, backbone: Backbone | None, config: RunConfig,
+                     scene: SceneSupervision | None = None) -> torch.optim.Adam:
+    """Adam over the model and the scene classifier (``lr``), plus a group for the backbone (``backbone_lr``) end to end."""
+    heads = [p for p in model.parameters() if p.requires_grad] + (list(scene.parameters()) if scene is not None else [])
+    # fused: one kernel over all parameters, about 5x faster than the default per-parameter loop on CPU; same update.
     if backbone is None:
-        return torch.optim.Adam(heads, lr=config.train.lr)
-    groups = [{"params": heads},
-              {"params": trainable_backbone_parameters(backbone), "lr": config.train.effective_backbone_lr}]
-    return torch.optim.Adam(groups, lr=config.train.lr)
+        return torch.optim.Adam(heads, lr=config.train.lr, fused=True)
+    groups: list[dict[str, Any]] = [{"params": heads},
+                                    {"params": trainable_backbone_parameters(backbone), "lr": config.train.effective_backbone_lr}]
+    return torch.optim.Adam(groups, lr=config.train.lr, fused=True)
 
 
 def _lr_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.StepLR:
@@ -350,9 +354,13 @@ def _same_config(run_dir: Path, config: RunConfig) -> bool:
 
 
 def _restore(payload: dict[str, Any], model: RetrievalModel, backbone: Backbone | None, optimizer, scheduler,
-             path: Path) -> LoopState:
-    """Load a resume payload into the model, backbone, optimiser, scheduler and the global RNG."""
+             path: Path, scene: SceneSupervision | None = None) -> LoopState:
+    """Load a resume payload into the model, backbone, scene classifier, optimiser, scheduler and the global RNG."""
     model.load_state_dict(payload["model"])
+    if scene is not None:
+        if "scene" not in payload:
+            raise CheckpointError(path, "resume state has no scene classifier, but train.scene_loss is on")
+        scene.load_state_dict(payload["scene"])
     if backbone is not None:
         if "backbone" not in payload:
             raise CheckpointError(path, "resume state has no backbone, but train.train_backbone is on")
@@ -424,18 +432,22 @@ def _train(config: RunConfig, run_dir: Path, progress: bool, device: torch.devic
         _start_end_to_end(prepared, train_data.image_ids, val_data.image_ids, progress)
         prepared.backbone = prepared.backbone.to(device) if prepared.backbone is not None else None
     backbone = prepared.backbone
-    optimizer = _build_optimizer(model, backbone, config)
+    scene = _scene_supervision(model, prepared, train_data, device) if config.train.scene_loss else None
+    optimizer = _build_optimizer(model, backbone, config, scene)
     scheduler = _lr_scheduler(optimizer, config)
     state = LoopState()
     if payload is not None:
-        state = _restore(payload, model, backbone, optimizer, scheduler, resume_path)
+        state = _restore(payload, model, backbone, optimizer, scheduler, resume_path, scene)
         logger.info(f"resuming {run_dir} at epoch {state.start_epoch + 1}/{config.train.epochs}")
-    stepper = Stepper(model, backbone, device, world, config.train.precision)
+    stepper = Stepper(model, backbone, device, world, config.train.precision, scene)
 
     model.prepare_training(TrainingCorpus(
         captions=prepared.dataset.captions, caption_image=prepared.dataset.caption_image,
         train_caption_ids=train_data.caption_ids.numpy(), vocab=prepared.vocab,
     ))
+    if config.train.mask_identical_captions:
+        model.mask_identical_captions(*identical_text_tables(train_data, prepared.dataset.num_images,
+                                                             len(prepared.dataset.captions)))
     n_params = model.num_parameters()
     n_backbone = sum(p.numel() for p in trainable_backbone_parameters(backbone)) if backbone is not None else 0
     how = (f"+ {n_backbone / 1e6:.2f} M backbone trained end to end" if backbone is not None
@@ -471,6 +483,8 @@ def _train(config: RunConfig, run_dir: Path, progress: bool, device: torch.devic
         extra = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         if backbone is not None:
             extra["backbone"] = backbone.state_dict()
+        if scene is not None:
+            extra["scene"] = scene.state_dict()
         save_resume(resume_path, current, epoch, **extra)
 
     def describe(epoch: int, row: dict[str, Any], improved: bool) -> str:
@@ -481,16 +495,34 @@ def _train(config: RunConfig, run_dir: Path, progress: bool, device: torch.devic
         if world.main:
             write_history(run_dir, history, _plot, CURVES)
 
-    state = run_epochs(state, config.train.epochs, run_epoch, save_best, save_state, write_metrics, describe)
+    def should_stop(history: list[dict[str, Any]]) -> bool:
+        return patience_exhausted([r["val_mR"] for r in history], config.train.patience, config.train.min_epochs)
+
+    state = run_epochs(state, config.train.epochs, run_epoch, save_best, save_state, write_metrics, describe, should_stop)
     history = state.history
     best_row = max(history, key=lambda r: r["val_mR"]) if history else {}
     summary = {"best_epoch": best_row.get("epoch"), "best_val_mR": best_row.get("val_mR"),
                "seconds_per_epoch": float(np.mean([r["train_seconds"] for r in history])) if history else 0.0,
-               "parameters": n_params, "epochs": config.train.epochs, "selection_split": config.data.val_split,
+               "parameters": n_params, "epochs": config.train.epochs, "epochs_run": len(history),
+               "selection_split": config.data.val_split,
                "report_split": report_split(prepared.dataset, config.data.train_split, config.data.val_split)}
     if backbone is not None:
         summary["backbone_parameters"] = n_backbone
     return summary
+
+
+def _scene_supervision(model: RetrievalModel, prepared: Prepared, train_data: SplitData,
+                       device: torch.device) -> SceneSupervision:
+    """The scene classifier of ``train.scene_loss`` on the training images' labels, on ``device``."""
+    first = train_data.image_ids[:1]
+    if prepared.backbone is not None:
+        sample = _backbone_features(prepared.backbone, prepared, first, "fp32", None, None)()
+    elif prepared.features is not None:
+        sample = prepared.features.select(first)
+    else:
+        raise ConfigError("train.scene_loss needs the training features (prepare with extract=True)")
+    return scene_supervision(model, prepared.dataset, train_data.image_ids, to_device(sample, device),
+                             prepared.config.train.scene_loss).to(device)
 
 
 def _trim(values: torch.Tensor) -> torch.Tensor:
@@ -511,10 +543,11 @@ class LossStep(torch.nn.Module):
     ``forward`` (``features`` may be a function that makes them) for the same reason.
     """
 
-    def __init__(self, model: RetrievalModel, backbone: Backbone | None = None) -> None:
+    def __init__(self, model: RetrievalModel, backbone: Backbone | None = None, scene: SceneSupervision | None = None) -> None:
         super().__init__()
         self.model = model
         self.backbone = backbone
+        self.scene = scene
 
     def forward(self, features: dict[str, Tensor] | Any, tokens: Tensor, lengths: Tensor, extras: dict[str, Tensor],
                 image_ids: Tensor, caption_ids: Tensor, counts: list[int]) -> dict[str, Tensor]:
@@ -522,7 +555,16 @@ class LossStep(torch.nn.Module):
             features = features()
         images: Encoding = gather_encoding(self.model.encode_image(features), counts)
         texts: Encoding = gather_encoding(self.model.encode_text(tokens, lengths, **extras), counts)
-        return self.model.encoding_loss(images, texts, image_ids, caption_ids)
+        return with_scene_term(self.model.encoding_loss(images, texts, image_ids, caption_ids), self.scene, images, image_ids)
+
+
+def with_scene_term(terms: dict[str, Tensor], scene: SceneSupervision | None, images: Encoding,
+                    image_ids: Tensor) -> dict[str, Tensor]:
+    """``terms`` with the scene classifier's weighted cross-entropy added to ``"loss"`` (and listed as ``"scene"``)."""
+    if scene is None:
+        return terms
+    aux = scene(images, image_ids)
+    return {**terms, "loss": terms["loss"] + aux, SCENE_TERM: aux.detach()}
 
 
 class Stepper:
@@ -539,8 +581,8 @@ class Stepper:
     """
 
     def __init__(self, model: RetrievalModel, backbone: Backbone | None, device: torch.device, world: World,
-                 precision: str) -> None:
-        self.model, self.device, self.world, self.precision = model, device, world, precision
+                 precision: str, scene: SceneSupervision | None = None) -> None:
+        self.model, self.device, self.world, self.precision, self.scene = model, device, world, precision, scene
         self.scaler = torch.amp.GradScaler(device.type) if needs_grad_scaling(device, precision) else None
         self.ddp: torch.nn.Module | None = None
         if world.distributed:
@@ -550,7 +592,7 @@ class Stepper:
                 raise ConfigError(f"model {type(model).__name__} computes its loss in training_loss only; data-parallel "
                                   "training needs its encoding_loss (the loss from the encodings of a batch)")
 
-            self.ddp = DistributedDataParallel(LossStep(model, backbone), device_ids=[device] if device.type == "cuda" else None,
+            self.ddp = DistributedDataParallel(LossStep(model, backbone, scene), device_ids=[device] if device.type == "cuda" else None,
                                                static_graph=True)
 
     def share(self, batch_size: int) -> tuple[Tensor, list[int]]:
@@ -568,9 +610,12 @@ class Stepper:
         image_ids, caption_ids = image_ids.to(d), caption_ids.to(d)
         with autocast(self.precision, d):
             if self.ddp is None:
-                made = features() if callable(features) else features
-                return self.model.training_loss(to_device(made, d), tokens, lengths, image_ids, caption_ids=caption_ids,
-                                                **extras)
+                made = to_device(features() if callable(features) else features, d)
+                if self.scene is None:
+                    return self.model.training_loss(made, tokens, lengths, image_ids, caption_ids=caption_ids, **extras)
+                images = self.model.encode_image(made)
+                terms = self.model.encoding_loss(images, self.model.encode_text(tokens, lengths, **extras), image_ids, caption_ids)
+                return with_scene_term(terms, self.scene, images, image_ids)
             on_device = (lambda: to_device(features(), d)) if callable(features) else to_device(features, d)
             return self.ddp(on_device, tokens, lengths, extras, image_ids, caption_ids, counts)
 

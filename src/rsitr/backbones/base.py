@@ -46,6 +46,15 @@ class Backbone(nn.Module):
         """The last (coarsest) feature map, before pooling."""
         return self.forward_levels(x)[-1]
 
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        """(convolution, BatchNorm) submodule names where the BatchNorm reads the convolution's output alone.
+
+        :func:`rsitr.backbones.fold.fold_batchnorm` fuses these for frozen inference. Default: none
+        (nothing is folded); a backbone lists a pair only where its forward applies the BatchNorm
+        directly to that convolution's output and to nothing else.
+        """
+        return []
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Pool a :meth:`forward_features` map; classify unless ``pre_logits``."""
         raise NotImplementedError

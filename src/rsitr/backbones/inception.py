@@ -314,6 +314,10 @@ class Inception3(Backbone):
             [self.Mixed_7a, self.Mixed_7b, self.Mixed_7c],
         ]
 
+    def conv_bn_pairs(self) -> list[tuple[str, str]]:
+        """The conv/bn of every :class:`BasicConv2d` (its forward is relu(bn(conv(x))))."""
+        return [(f"{name}.conv", f"{name}.bn") for name, module in self.named_modules() if isinstance(module, BasicConv2d)]
+
     def forward_levels(self, x: Tensor) -> list[Tensor]:
         """Outputs of ``Conv2d_4a_3x3``, ``Mixed_5d``, ``Mixed_6e``, ``Mixed_7c`` (finest first)."""
         x = self.stem(x)

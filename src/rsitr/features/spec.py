@@ -1,10 +1,11 @@
 """What determines a set of image features (:class:`FeatureSpec`), and their sizes.
 
 A spec names the backbone and its weights, the input size, the region boxes (their source:
-a detections file, the fixed grid or activation proposals), the spatial maps a model asks for
-and the source bands of multispectral TIFFs; :meth:`FeatureSpec.cache_key` digests everything
-that changes the features, so a cache file is reused only for exactly the features it holds. :func:`feature_dims` gives the
-channel counts a model needs to build itself, without building the backbone.
+a detections file, the fixed grid or activation proposals), the spatial maps a model asks for,
+the source bands of multispectral TIFFs and whether features are averaged over rotations and flips;
+:meth:`FeatureSpec.cache_key` digests everything that changes the features, so a cache file is reused only
+for exactly the features it holds. :func:`feature_dims` gives the channel counts a model needs to build
+itself, without building the backbone.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class FeatureSpec:
             ``(4, 3, 2)`` for a near-infrared false-colour composite, or one read as gray); None =
             the file's red, green and blue colour interpretation, else bands 1-3 (the raster
             reader's default, :mod:`rsitr.data.rasters`). See :func:`rsitr.data.images.read_image`.
+        dihedral: compute every feature from the backbone's maps averaged over the eight rotations
+            by 90 degrees and mirror images of the image (the dihedral group D4), each map turned
+            back onto the image first (:func:`rsitr.features.compute.backbone_features`): overhead
+            scenes have no preferred orientation, and the features become invariant to it, at
+            eight backbone passes per image, paid once when the cache is filled.
     """
 
     backbone: str = "resnet50"
@@ -83,6 +89,7 @@ class FeatureSpec:
     maps: tuple[str, ...] = ()
     boxes: str = "grid"
     bands: tuple[int, ...] | None = None
+    dihedral: bool = False
 
     def __post_init__(self) -> None:
         for name in ("weights", "detections"):
@@ -98,6 +105,9 @@ class FeatureSpec:
         object.__setattr__(self, "maps", tuple(str(m) for m in (self.maps or ())))
         parse_maps(self.maps, self.backbone)  # raises ConfigError on a bad entry
         object.__setattr__(self, "bands", checked_bands(self.bands, "feature bands"))
+        if not isinstance(self.dihedral, (bool, np.bool_)):
+            raise ConfigError(f"feature dihedral must be true or false, got {self.dihedral!r}")
+        object.__setattr__(self, "dihedral", bool(self.dihedral))
         for name, minimum in (("image_size", 32), ("num_regions", 0), ("roi_output_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
@@ -128,7 +138,8 @@ class FeatureSpec:
         never reads this one's features, and a missing image is a one-line error here, before any
         work. The box source enters when it is not ``"grid"``
         (with the proposals' version), so caches written before the field existed stay valid
-        for the grid and never serve another source; the bands likewise, when they are given.
+        for the grid and never serve another source; the bands likewise, when they are given, and
+        the D4 averaging, when it is on.
         """
         weights = f"sha256:{file_sha256(self.weights)}" if self.weights else f"random-init-seed{self.seed}"
         detections = f"sha256:{file_sha256(self.detections)}" if self.detections else "default-boxes"
@@ -147,9 +158,15 @@ class FeatureSpec:
             "image_content": images_fingerprint(dataset),
         }
         if self.boxes != "grid":
-            parts["boxes"] = f"{self.boxes}:{PROPOSALS_VERSION}"
+            # Under bf16 the proposals are chosen from the maps of the BatchNorm-folded backbone
+            # (rsitr.backbones.fold), whose rounding differs and can flip near-tied boxes: such
+            # caches are keyed apart from those written before; all others differ by rounding only.
+            folded = ":bn-folded" if self.precision == "bf16" else ""
+            parts["boxes"] = f"{self.boxes}:{PROPOSALS_VERSION}{folded}"
         if self.bands is not None:
             parts["bands"] = list(self.bands)
+        if self.dihedral:
+            parts["dihedral"] = "d4-aligned-map-mean"
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
 
     def cache_path(self, dataset: RetrievalDataset, cache_dir: str | Path, key: str | None = None) -> Path:

@@ -88,7 +88,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rsitr.errors import ConfigError
-from rsitr.losses import same_image_mask, triplet_ranking_loss
+from rsitr.losses import triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel
 from rsitr.models.layers import FeatureStandardizer, RecurrentTextEncoder, cosine_matrix, length_mask, masked_mean
 from rsitr.models.registry import register_architecture
@@ -357,6 +357,7 @@ class ACF(RetrievalModel):
     """ACF over cached ViG node maps (``map_stage2``, ``map_stage3``, ``map_stage4``)."""
 
     image_inputs = (f"map_{LOW_LEVEL}", f"map_{MID_LEVEL}", f"map_{TOP_LEVEL}")
+    scene_embedding = "global"  # v^(g)
 
     def __init__(self, config: AcfConfig, feature_dims: dict[str, Any], vocab_size: int) -> None:
         super().__init__(config)
@@ -429,7 +430,7 @@ class ACF(RetrievalModel):
                       caption_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Eq. 15: triplet loss on the ACF score plus, with ``global_loss``, L_g on cos(v^(g), T^(g))."""
         c = self.config
-        same = same_image_mask(image_ids)
+        same = self.non_negatives(image_ids, caption_ids)
         local = triplet_ranking_loss(self.similarity(images, texts), same, c.margin, c.loss_reduction)
         terms = {"local": local.detach()}
         loss = local

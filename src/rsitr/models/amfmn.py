@@ -91,7 +91,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rsitr.errors import ConfigError
-from rsitr.losses import same_image_mask, triplet_ranking_loss
+from rsitr.losses import triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel, TrainingCorpus
 from rsitr.models.layers import FeatureStandardizer, RecurrentTextEncoder, cosine_matrix, full_precision
 from rsitr.models.registry import register_architecture
@@ -288,6 +288,7 @@ class AMFMN(RetrievalModel):
     """AMFMN over cached ResNet features: ``level4`` (v^(g)) and the maps ``map_layer1`` .. ``map_layer4``."""
 
     image_inputs = ("level4", *(MAP_PREFIX + level for level in (*LOW_LEVELS, *HIGH_LEVELS)))
+    scene_embedding = "visual"  # F_v, the fused visual embedding (or v^(g) without MVSA)
     text_inputs = ("keywords",)
 
     def __init__(self, config: AmfmnConfig, feature_dims: dict[str, Any], vocab_size: int) -> None:
@@ -424,7 +425,7 @@ class AMFMN(RetrievalModel):
                       caption_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Eq. 30 on the batch's B × B scores with the per-pair margins of Eq. 29; ``margin`` is their mean."""
         sims = self.similarity(images, texts)
-        same = same_image_mask(image_ids.to(sims.device))
+        same = self.non_negatives(image_ids.to(sims.device), caption_ids)
         margins = self.pair_margins(image_ids, caption_ids).to(sims.device)
         loss = triplet_ranking_loss(sims, same, margins, self.config.loss_reduction)
         negatives = ~same

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from rsitr.losses import same_image_mask, shared_text_mask
+
 Encoding = dict[str, torch.Tensor]
 
 
@@ -99,6 +101,9 @@ class RetrievalModel(nn.Module):
     #: pair score (the "final visual and textual embeddings" DOVE's Fig. 10 plots); None when the
     #: model does not implement :meth:`pair_embeddings`.
     final_pair: ClassVar[tuple[str, str] | None] = None
+    #: key of the image embedding an auxiliary scene classifier may supervise during training
+    #: (``train.scene_loss``, :mod:`rsitr_train.auxiliary`): a (n, d) vector per image; None = none.
+    scene_embedding: ClassVar[str | None] = None
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -165,6 +170,30 @@ class RetrievalModel(nn.Module):
         (by several processes) and joined (:func:`concat_encodings`) before this is called.
         """
         raise NotImplementedError
+
+    def mask_identical_captions(self, image_texts: torch.Tensor | None, caption_texts: torch.Tensor | None) -> None:
+        """Exclude word-for-word copies of an anchor's captions from the negatives of every training loss.
+
+        ``image_texts``: (n_dataset_images, K) text ids of each image's captions, ``-1`` padded;
+        ``caption_texts``: (n_dataset_captions,) text id of each caption, ``-1`` for captions
+        outside the training split (:func:`rsitr.losses.shared_text_mask`). ``None`` restores the
+        papers' rule (only captions of the same image are excluded). Training-time state only:
+        nothing of it is saved or read at evaluation.
+        """
+        self._identical_texts = None if image_texts is None or caption_texts is None else (image_texts, caption_texts)
+
+    def non_negatives(self, image_ids: torch.Tensor, caption_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, B) pairs of a batch that no triplet loss may treat as negatives.
+
+        Always the pairs of the same image; under :meth:`mask_identical_captions` also every
+        (image i, caption j) where caption j repeats one of image i's captions word for word.
+        """
+        same = same_image_mask(image_ids)
+        identical = getattr(self, "_identical_texts", None)
+        if identical is None or caption_ids is None:
+            return same
+        image_texts, caption_texts = (t.to(image_ids.device) for t in identical)
+        return same | shared_text_mask(image_texts[image_ids], caption_texts[caption_ids.to(image_ids.device)])
 
     def prepare_training(self, corpus: TrainingCorpus) -> None:
         """Fit anything derived from the training text before the first step (default: nothing).

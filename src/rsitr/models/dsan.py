@@ -72,7 +72,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rsitr.errors import ConfigError
-from rsitr.losses import same_image_mask, triplet_ranking_loss
+from rsitr.losses import triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel
 from rsitr.models.layers import FeatureStandardizer, RecurrentTextEncoder, length_mask, row_cosine
 from rsitr.models.registry import register_architecture
@@ -312,6 +312,6 @@ class DSAN(RetrievalModel):
                       caption_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Eq. 18: hinge on the hardest in-batch negative caption and image of every positive pair."""
         sims = self.similarity(images, texts)
-        loss = triplet_ranking_loss(sims, same_image_mask(image_ids), self.config.margin, reduction="hardest")
+        loss = triplet_ranking_loss(sims, self.non_negatives(image_ids, caption_ids), self.config.margin, reduction="hardest")
         positive = sims.diagonal().detach().mean()
         return {"loss": loss, "positive": positive}

@@ -9,7 +9,7 @@ and one YAML file per named configuration::
       embed_dim: 512
     features:                 # optional: what the feature cache must hold for this model
       image_size: 299         #   (FeatureSpec fields: image_size, maps, num_regions, region_level,
-                              #   boxes)
+                              #   boxes, dihedral)
       maps: ["mixed_7c:8"]
     reference:                # optional: what the paper reports, shown beside measured figures
       source: DOVE Table I
@@ -48,7 +48,7 @@ def register_architecture(name: str, config_class: type):
 
 
 #: Feature-spec fields a model config may set (the rest belong to the run).
-MODEL_FEATURE_FIELDS = ("image_size", "maps", "num_regions", "region_level", "boxes")
+MODEL_FEATURE_FIELDS = ("image_size", "maps", "num_regions", "region_level", "boxes", "dihedral")
 
 
 @dataclass

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rsitr.losses import vse_ranking_loss
+from rsitr.losses import triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel
 from rsitr.models.layers import (
     FeatureStandardizer,
@@ -233,10 +233,12 @@ class SCAN(RetrievalModel):
         relevance = attended_relevance(sims, weights, context_gram)  # step 4
         return pool_relevance(relevance, query_mask, self.config.aggregation, self.config.lambda_lse)  # step 5
 
-    def ranking_loss(self, sims: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    def ranking_loss(self, sims: torch.Tensor, image_ids: torch.Tensor,
+                     caption_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Hardest-negative (or summed) triplet loss of a (B, B) score matrix with positives on the diagonal."""
-        return vse_ranking_loss(sims, image_ids, self.config.margin, self.config.hardest_negative)
+        reduction = "hardest" if self.config.hardest_negative else "sum"
+        return triplet_ranking_loss(sims, self.non_negatives(image_ids, caption_ids), self.config.margin, reduction)
 
     def encoding_loss(self, images: Encoding, texts: Encoding, image_ids: torch.Tensor,
                       caption_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return {"loss": self.ranking_loss(self.similarity(images, texts), image_ids)}
+        return {"loss": self.ranking_loss(self.similarity(images, texts), image_ids, caption_ids)}

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rsitr.losses import vse_ranking_loss
+from rsitr.losses import triplet_ranking_loss
 from rsitr.models.base import Encoding, RetrievalModel
 from rsitr.models.layers import (
     FeatureStandardizer,
@@ -93,6 +93,7 @@ class VSEPP(RetrievalModel):
 
     image_inputs = ("level4",)
     first_stage = ("embedding", "embedding")  # the score is the cosine of these embeddings
+    scene_embedding = "embedding"
 
     def __init__(self, config: VseppConfig, feature_dims: dict[str, Any], vocab_size: int) -> None:
         super().__init__(config)
@@ -117,10 +118,12 @@ class VSEPP(RetrievalModel):
     def similarity(self, images: Encoding, texts: Encoding) -> torch.Tensor:
         return cosine_matrix(images["embedding"], texts["embedding"])
 
-    def ranking_loss(self, sims: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    def ranking_loss(self, sims: torch.Tensor, image_ids: torch.Tensor,
+                     caption_ids: torch.Tensor | None = None) -> torch.Tensor:
         """ℓ_MH (or ℓ_SH) of a (B, B) score matrix whose diagonal holds the positive pairs."""
-        return vse_ranking_loss(sims, image_ids, self.config.margin, self.config.hardest_negative)
+        reduction = "hardest" if self.config.hardest_negative else "sum"
+        return triplet_ranking_loss(sims, self.non_negatives(image_ids, caption_ids), self.config.margin, reduction)
 
     def encoding_loss(self, images: Encoding, texts: Encoding, image_ids: torch.Tensor,
                       caption_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return {"loss": self.ranking_loss(self.similarity(images, texts), image_ids)}
+        return {"loss": self.ranking_loss(self.similarity(images, texts), image_ids, caption_ids)}
