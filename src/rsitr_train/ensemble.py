@@ -34,8 +34,7 @@ from rsitr.evaluation import chance_metrics, extra_views, format_rows, recall_me
 from rsitr.io import write_json
 from rsitr.progress import get_logger
 from rsitr_train.config import RunConfig, load_config
-from rsitr_train.runs import load_run, run_report_split, warn_unknown_captions
-from rsitr_train.trainer import evaluate_split
+from rsitr_train.runs import score_run
 
 logger = get_logger(__name__)
 
@@ -91,21 +90,14 @@ def check_split_allowed(run_dir: Path, config: RunConfig, split: str) -> None:
 def score_member(run_dir: Path, split: str | None, progress: bool = True, precision: str | None = None,
                  dataset: str | None = None, device: str | torch.device | None = None) -> MemberScores:
     """Load a run and score ``split`` (None: the run's report split) exactly as :func:`rsitr_train.runs.evaluate_run` does."""
-    model, prepared = load_run(run_dir, progress=progress, dataset=dataset, device=device)
-    split = split or run_report_split(run_dir, prepared)
-    check_split_allowed(run_dir, prepared.config, split)
-    precision = precision or prepared.config.train.precision
-    started = time.perf_counter()
-    metrics, sims, data = evaluate_split(model, prepared, split, progress=progress, precision=precision)
-    seconds = time.perf_counter() - started
-    warn_unknown_captions(data, prepared.vocab, split, prepared.config.data.path)
-    result = {"metrics": metrics, **{f"metrics_{name}": values for name, values in extra_views(sims, data).items()},
-              "seconds": round(seconds, 3)}
-    return MemberScores(run_dir=run_dir, model=prepared.spec.name, dataset=prepared.dataset.name, split=split,
-                        precision=precision,
-                        selection_split=prepared.config.data.val_split, sims=sims, data=data,
+    scores = score_run(run_dir, split, progress, precision, dataset, device,
+                       guard=lambda prepared, chosen: check_split_allowed(run_dir, prepared.config, chosen))
+    prepared, data = scores.prepared, scores.data
+    return MemberScores(run_dir=run_dir, model=prepared.spec.name, dataset=prepared.dataset.name, split=scores.split,
+                        precision=scores.precision,
+                        selection_split=prepared.config.data.val_split, sims=scores.sims, data=data,
                         images=[prepared.dataset.image_files[i] for i in data.image_ids.tolist()],
-                        captions=[prepared.dataset.captions[c] for c in data.caption_ids.tolist()], result=result)
+                        captions=[prepared.dataset.captions[c] for c in data.caption_ids.tolist()], result=scores.views())
 
 
 def check_same_split(reference: MemberScores, member: MemberScores, split: str) -> None:

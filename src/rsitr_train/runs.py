@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,44 @@ def warn_unknown_captions(data: SplitData, vocab: Vocabulary, split: str, source
     return unknown
 
 
+@dataclasses.dataclass
+class RunScores:
+    """A run's scores of one split, as ``rsitr evaluate`` computes them (:func:`score_run`)."""
+
+    prepared: Prepared
+    split: str
+    precision: str
+    metrics: dict[str, float]
+    sims: torch.Tensor  # (n_images, n_captions) float32
+    data: SplitData
+    seconds: float
+
+    def views(self) -> dict[str, Any]:
+        """The headline metrics, the reference-tie and distinct-text views and the scoring seconds."""
+        return {"metrics": self.metrics, **{f"metrics_{name}": values for name, values in extra_views(self.sims, self.data).items()},
+                "seconds": round(self.seconds, 3)}
+
+
+def score_run(run_dir: str | Path, split: str | None = None, progress: bool = True, precision: str | None = None,
+              dataset: str | None = None, device: str | torch.device | None = None,
+              guard: Callable[[Prepared, str], None] | None = None) -> RunScores:
+    """Load a run and score ``split`` (None: its report split) in ``precision`` (None: the run's own).
+
+    ``guard(prepared, split)`` runs after the run is loaded and before anything is scored (the
+    ensemble's refusal of a split a member chose on). Unknown words of the split are warned about.
+    """
+    model, prepared = load_run(run_dir, progress=progress, dataset=dataset, device=device)
+    split = split or run_report_split(run_dir, prepared)
+    if guard is not None:
+        guard(prepared, split)
+    precision = precision or prepared.config.train.precision
+    started = time.perf_counter()
+    metrics, sims, data = evaluate_split(model, prepared, split, progress=progress, precision=precision)
+    seconds = time.perf_counter() - started
+    warn_unknown_captions(data, prepared.vocab, split, prepared.config.data.path)
+    return RunScores(prepared, split, precision, metrics, sims, data, seconds)
+
+
 def evaluate_run(run_dir: str | Path, split: str | None = None, json_path: str | Path | None = None,
                  progress: bool = True, precision: str | None = None, dataset: str | None = None,
                  device: str | torch.device | None = None) -> dict[str, Any]:
@@ -155,21 +194,17 @@ def evaluate_run(run_dir: str | Path, split: str | None = None, json_path: str |
     that its figures are optimistic. It also holds the reference code's tie order
     (``metrics_reference_ties``) and the distinct-text view (``metrics_distinct_text``).
     """
-    model, prepared = load_run(run_dir, progress=progress, dataset=dataset, device=device)
-    split = split or run_report_split(run_dir, prepared)
-    precision = precision or prepared.config.train.precision
-    started = time.perf_counter()
-    metrics, sims, data = evaluate_split(model, prepared, split, progress=progress, precision=precision)
-    seconds = time.perf_counter() - started
-    warn_unknown_captions(data, prepared.vocab, split, prepared.config.data.path)
-    chance = chance_metrics(len(data.image_ids), data.caption_local_image)
+    scores = score_run(run_dir, split, progress, precision, dataset, device)
+    prepared, data, split = scores.prepared, scores.data, scores.split
     selection = prepared.config.data.val_split
+    views = scores.views()
     result = {"model": prepared.spec.name, "dataset": prepared.dataset.name, "split": split,
               "selection_split": selection, "optimistic": split == selection,
               "n_images": len(data.image_ids), "n_captions": len(data.lengths),
-              "n_distinct_texts": int(data.text_ids.unique().numel()), "metrics": metrics,
-              **{f"metrics_{name}": values for name, values in extra_views(sims, data).items()},
-              "chance": chance, "precision": precision, "seconds": round(seconds, 3)}
+              "n_distinct_texts": int(data.text_ids.unique().numel()), "metrics": views["metrics"],
+              **{k: v for k, v in views.items() if k.startswith("metrics_")},
+              "chance": chance_metrics(len(data.image_ids), data.caption_local_image),
+              "precision": scores.precision, "seconds": views["seconds"]}
     write_json(json_path or Path(run_dir) / f"eval_{split}.json", result)
     return result
 

@@ -104,6 +104,8 @@ class RetrievalModel(nn.Module):
     #: key of the image embedding an auxiliary scene classifier may supervise during training
     #: (``train.scene_loss``, :mod:`rsitr_train.auxiliary`): a (n, d) vector per image; None = none.
     scene_embedding: ClassVar[str | None] = None
+    #: (image_texts, caption_texts) of :meth:`mask_identical_captions`; None: the papers' negatives.
+    _identical_texts: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -189,7 +191,7 @@ class RetrievalModel(nn.Module):
         (image i, caption j) where caption j repeats one of image i's captions word for word.
         """
         same = same_image_mask(image_ids)
-        identical = getattr(self, "_identical_texts", None)
+        identical = self._identical_texts
         if identical is None or caption_ids is None:
             return same
         image_texts, caption_texts = (t.to(image_ids.device) for t in identical)
